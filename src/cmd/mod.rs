@@ -1,0 +1,5 @@
+//! What the command line runs: each function reads its inputs, calls the layers
+//! below, and renders the result. `main.rs` only parses arguments.
+
+pub mod crd;
+pub mod plan;
