@@ -9,3 +9,5 @@
 pub mod api;
 pub mod cmd;
 pub mod domain;
+pub mod packet;
+pub mod replica;

@@ -38,11 +38,286 @@ enum Command {
         #[arg(long, value_name = "FILE", env = "MULTISITE_COMPATIBILITY")]
         compatibility: Option<PathBuf>,
     },
+    /// Create, run and upgrade replica servers.
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
+    },
+    /// Create, read, query, change and delete records (and workspace items and users)
+    /// at a replica. Changes are refused, naming the master, at a replica that does
+    /// not master the item.
+    Records {
+        #[command(subcommand)]
+        command: RecordsCommand,
+    },
+    /// Move an item's mastership to another replica.
+    Mastership {
+        #[command(subcommand)]
+        command: MastershipCommand,
+    },
+    /// Move changes between replicas: push directly, or export and import packet files.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
+    /// Print one line: the digest of a replica's replicated content. Replicas that
+    /// hold the same changes print the same digest.
+    Digest {
+        /// URL of the replica server, e.g. http://127.0.0.2:7400.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        #[command(flatten)]
+        access: Access,
+    },
     /// Print the CustomResourceDefinitions of the product (or write them, one file each).
     Crd {
         /// Write one file per CRD into this directory instead of printing a YAML stream.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+    },
+}
+
+/// How a command reaches replica servers.
+#[derive(clap::Args, Debug, Clone)]
+struct Access {
+    /// File holding the family's shared secret (`replica init` creates it).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MULTISITE_SECRET_FILE",
+        global = true
+    )]
+    secret_file: Option<PathBuf>,
+    /// Client release to present to the replica (default: the newest release in the
+    /// compatibility data). A replica refuses a release that cannot open its feature level.
+    #[arg(long, value_name = "RELEASE", global = true)]
+    release: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCommand {
+    /// Create the first replica of a family in a data directory.
+    Init {
+        /// Data directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Family name.
+        #[arg(long, value_name = "F")]
+        family: String,
+        /// This replica's name.
+        #[arg(long, value_name = "R")]
+        replica: String,
+        /// Prefix of record ids, e.g. SAMPL gives SAMPL00001.
+        #[arg(long, value_name = "P")]
+        id_prefix: String,
+        /// Feature level of the schema repository and user database.
+        #[arg(long, value_name = "N")]
+        feature_level: i32,
+        /// Schema file (YAML: recordTypes: [{name, fields: [{name, type}]}]); default: a Defect record type.
+        #[arg(long, value_name = "FILE")]
+        schema: Option<PathBuf>,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Create a new replica from a live one; the source stays usable during the copy,
+    /// and the new replica catches up through packets.
+    Clone {
+        /// URL of the live source replica.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// Data directory of the new replica.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Name of the new replica.
+        #[arg(long, value_name = "R")]
+        replica: String,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Serve a replica's HTTP API until SIGINT or SIGTERM.
+    Serve {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Address to listen on, e.g. 127.0.0.2:7400 (port 0 picks a free port; the
+        /// first line printed says which).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400")]
+        listen: String,
+        /// Sync every commit to disk (survives power loss, slower); the default survives a killed process.
+        #[arg(long)]
+        sync_full: bool,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Raise a replica's feature levels in place: first the schema repository, then
+    /// the user database. Lowering and invalid pairs are refused.
+    #[command(group(clap::ArgGroup::new("level").required(true).args(["schema_repository", "user_database", "user_database_schema"])))]
+    Upgrade {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// Raise the schema repository to this feature level.
+        #[arg(long, value_name = "N")]
+        schema_repository: Option<i32>,
+        /// Raise the user database to this feature level.
+        #[arg(long, value_name = "N")]
+        user_database: Option<i32>,
+        /// Upgrade the user database to this schema version (after a schema package arrived).
+        #[arg(long, value_name = "V")]
+        user_database_schema: Option<u64>,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Show a replica's feature levels, packet versions, epochs and held packets.
+    Status {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: multisite::cmd::replica::Output,
+        #[command(flatten)]
+        access: Access,
+    },
+}
+
+/// The kinds of item the records commands handle.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum KindArg {
+    Record,
+    WorkspaceItem,
+    User,
+}
+
+impl From<KindArg> for multisite::packet::change::ItemKind {
+    fn from(k: KindArg) -> Self {
+        use multisite::packet::change::ItemKind;
+        match k {
+            KindArg::Record => ItemKind::Record,
+            KindArg::WorkspaceItem => ItemKind::WorkspaceItem,
+            KindArg::User => ItemKind::User,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ItemArgs {
+    /// URL of the replica server.
+    #[arg(long, value_name = "URL")]
+    replica: String,
+    /// What kind of item.
+    #[arg(long, value_enum, default_value = "record")]
+    kind: KindArg,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: multisite::cmd::replica::Output,
+    #[command(flatten)]
+    access: Access,
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordsCommand {
+    /// Create an item mastered at this replica; prints its id (-o json: the item).
+    Create {
+        #[command(flatten)]
+        item: ItemArgs,
+        /// Record type (workspace items: query, report or chart).
+        #[arg(long = "type", value_name = "T")]
+        item_type: Option<String>,
+        /// A field value, NAME=VALUE; repeat for more.
+        #[arg(long = "field", value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+        /// Users: the user's name; workspace items: the owning user.
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
+    },
+    /// Print an item.
+    Get {
+        #[command(flatten)]
+        item: ItemArgs,
+        id: String,
+    },
+    /// Change fields of an item mastered at this replica (NAME= removes a field).
+    Update {
+        #[command(flatten)]
+        item: ItemArgs,
+        id: String,
+        #[arg(long = "field", value_name = "NAME=VALUE", required = true)]
+        fields: Vec<String>,
+    },
+    /// Delete an item mastered at this replica.
+    Delete {
+        #[command(flatten)]
+        item: ItemArgs,
+        id: String,
+    },
+    /// List items of a type whose fields have the given values.
+    Query {
+        #[command(flatten)]
+        item: ItemArgs,
+        #[arg(long = "type", value_name = "T")]
+        item_type: Option<String>,
+        #[arg(long = "field", value_name = "NAME=VALUE")]
+        fields: Vec<String>,
+    },
+    /// Every state an item has had, oldest first.
+    History {
+        #[command(flatten)]
+        item: ItemArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MastershipCommand {
+    /// Move an item's mastership (run against its current master). Until the new
+    /// master imports the move, nobody may change the item. Moving a user moves the
+    /// workspace items they created.
+    Move {
+        #[command(flatten)]
+        item: ItemArgs,
+        id: String,
+        /// The new master replica.
+        #[arg(long, value_name = "R", required_unless_present = "force")]
+        to: Option<String>,
+        /// Take mastership over at --replica from a master that was removed from the
+        /// family (recorded in the item's history).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SyncCommand {
+    /// Send from one replica to another everything the receiver lacks, straight
+    /// from replica to replica; retried sends are harmless.
+    Push {
+        #[arg(long, value_name = "URL")]
+        from: String,
+        #[arg(long, value_name = "URL")]
+        to: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: multisite::cmd::replica::Output,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Write a packet of what a peer lacks (by its last acknowledgement) to a file.
+    Export {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The receiving replica's name.
+        #[arg(long, value_name = "R")]
+        peer: String,
+        #[arg(long = "out", value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Import a packet file; prints what the replica now holds (its acknowledgement).
+    Import {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        file: PathBuf,
+        #[command(flatten)]
+        access: Access,
     },
 }
 
@@ -62,6 +337,21 @@ const EXIT_REFUSED: u8 = 3;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Replica { command } => replica_command(command),
+        Command::Records { command } => runtime()?.block_on(records_command(command)),
+        Command::Mastership { command } => runtime()?.block_on(mastership_command(command)),
+        Command::Sync { command } => runtime()?.block_on(sync_command(command)),
+        Command::Digest { replica, access } => runtime()?.block_on(async move {
+            let (client, _) = connect(&access)?;
+            let answer: serde_json::Value = client.get_json(&replica, "/v1/digest").await?;
+            println!(
+                "{} {} {} items",
+                answer["replica"].as_str().unwrap_or("?"),
+                answer["digest"].as_str().unwrap_or("?"),
+                answer["items"]
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Plan {
             file,
             output,
@@ -97,4 +387,303 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The client and compatibility data for a command that talks to replicas.
+fn connect(
+    access: &Access,
+) -> anyhow::Result<(
+    multisite::replica::http::ReplicaClient,
+    multisite::domain::compat::Compatibility,
+)> {
+    let compat = multisite::domain::compat::Compatibility::builtin();
+    let secret = multisite::cmd::replica::load_secret(access.secret_file.as_deref())?;
+    let client = multisite::cmd::replica::client(&secret, access.release.as_deref(), &compat);
+    Ok((client, compat))
+}
+
+fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
+    use multisite::cmd::replica as r;
+    match command {
+        ReplicaCommand::Init {
+            data,
+            family,
+            replica,
+            id_prefix,
+            feature_level,
+            schema,
+            access,
+        } => {
+            let compat = multisite::domain::compat::Compatibility::builtin();
+            print!(
+                "{}",
+                r::init(
+                    r::InitArgs {
+                        data,
+                        family,
+                        replica,
+                        id_prefix,
+                        feature_level,
+                        schema,
+                        secret_file: access.secret_file,
+                    },
+                    &compat
+                )?
+            );
+        }
+        ReplicaCommand::Clone {
+            from,
+            data,
+            replica,
+            access,
+        } => {
+            let secret = r::load_secret(access.secret_file.as_deref())?;
+            let text = runtime()?.block_on(r::clone(&from, &data, &replica, &secret))?;
+            print!("{text}");
+        }
+        ReplicaCommand::Serve {
+            data,
+            listen,
+            sync_full,
+            log_json,
+            access,
+        } => {
+            init_logging(log_json);
+            let secret = r::load_secret(access.secret_file.as_deref())?;
+            let compat = multisite::domain::compat::Compatibility::builtin();
+            runtime()?.block_on(r::serve(&data, &listen, sync_full, secret, compat))?;
+        }
+        ReplicaCommand::Upgrade {
+            replica,
+            schema_repository,
+            user_database,
+            user_database_schema,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let target = match (schema_repository, user_database, user_database_schema) {
+                (Some(n), None, None) => r::UpgradeTarget::SchemaRepository(n),
+                (None, Some(n), None) => r::UpgradeTarget::UserDatabase(n),
+                (None, None, Some(v)) => r::UpgradeTarget::UserDatabaseSchema(v),
+                _ => anyhow::bail!(
+                    "give exactly one of --schema-repository, --user-database, --user-database-schema"
+                ),
+            };
+            print!(
+                "{}",
+                runtime()?.block_on(r::upgrade(&client, &replica, target))?
+            );
+        }
+        ReplicaCommand::Status {
+            replica,
+            output,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let status: multisite::replica::server::StatusReport =
+                runtime()?.block_on(client.get_json(&replica, "/v1/status"))?;
+            print!("{}", r::render_status(&status, output)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
+    use multisite::cmd::replica as r;
+    use multisite::replica::server::ItemView;
+    use serde_json::json;
+    let item_args = match &command {
+        RecordsCommand::Create { item, .. }
+        | RecordsCommand::Get { item, .. }
+        | RecordsCommand::Update { item, .. }
+        | RecordsCommand::Delete { item, .. }
+        | RecordsCommand::Query { item, .. }
+        | RecordsCommand::History { item, .. } => item,
+    };
+    let (client, _) = connect(&item_args.access)?;
+    let base = item_args.replica.clone();
+    let output = item_args.output;
+    let coll = r::collection(item_args.kind.into());
+    match command {
+        RecordsCommand::Create {
+            item_type,
+            fields,
+            owner,
+            ..
+        } => {
+            let body =
+                json!({"type": item_type, "fields": r::parse_fields(&fields)?, "owner": owner});
+            let created: ItemView = client
+                .send_json(hyper::Method::POST, &base, &format!("/v1/{coll}"), &body)
+                .await?;
+            match output {
+                r::Output::Json => print!("{}", r::render_item(&created, output)?),
+                r::Output::Table => println!("{}", created.id),
+            }
+        }
+        RecordsCommand::Get { id, .. } => {
+            let item: ItemView = client.get_json(&base, &format!("/v1/{coll}/{id}")).await?;
+            print!("{}", r::render_item(&item, output)?);
+        }
+        RecordsCommand::Update { id, fields, .. } => {
+            let mut values = r::parse_fields(&fields)?;
+            for v in values.values_mut() {
+                if v.as_str() == Some("") {
+                    *v = serde_json::Value::Null;
+                }
+            }
+            let item: ItemView = client
+                .send_json(
+                    hyper::Method::PATCH,
+                    &base,
+                    &format!("/v1/{coll}/{id}"),
+                    &json!({"fields": values}),
+                )
+                .await?;
+            print!("{}", r::render_item(&item, output)?);
+        }
+        RecordsCommand::Delete { id, .. } => {
+            let item: ItemView = client
+                .send_json(
+                    hyper::Method::DELETE,
+                    &base,
+                    &format!("/v1/{coll}/{id}"),
+                    &json!(null),
+                )
+                .await?;
+            print!("{}", r::render_item(&item, output)?);
+        }
+        RecordsCommand::Query {
+            item_type, fields, ..
+        } => {
+            let mut query: Vec<String> = Vec::new();
+            if let Some(t) = &item_type {
+                query.push(format!("type={}", encode(t)));
+            }
+            for (name, value) in r::parse_fields(&fields)? {
+                query.push(format!(
+                    "field.{}={}",
+                    encode(&name),
+                    encode(value.as_str().unwrap_or(""))
+                ));
+            }
+            let items: Vec<ItemView> = client
+                .get_json(&base, &format!("/v1/{coll}?{}", query.join("&")))
+                .await?;
+            match output {
+                r::Output::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+                r::Output::Table => {
+                    for item in &items {
+                        print!("{}", r::render_item(item, output)?);
+                    }
+                }
+            }
+        }
+        RecordsCommand::History { id, .. } => {
+            let entries: serde_json::Value = client
+                .get_json(&base, &format!("/v1/{coll}/{id}/history"))
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&entries)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Percent-encodes a query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+async fn mastership_command(command: MastershipCommand) -> anyhow::Result<ExitCode> {
+    use multisite::cmd::replica as r;
+    use multisite::replica::server::ItemView;
+    let MastershipCommand::Move {
+        item,
+        id,
+        to,
+        force,
+    } = command;
+    let (client, _) = connect(&item.access)?;
+    let coll = r::collection(item.kind.into());
+    let moved: Vec<ItemView> = client
+        .send_json(
+            hyper::Method::POST,
+            &item.replica,
+            &format!("/v1/{coll}/{id}/mastership"),
+            &serde_json::json!({"to": to, "force": force}),
+        )
+        .await?;
+    match item.output {
+        r::Output::Json => println!("{}", serde_json::to_string_pretty(&moved)?),
+        r::Output::Table => {
+            for m in &moved {
+                println!("{} now mastered by {}", m.id, m.master);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sync_command(command: SyncCommand) -> anyhow::Result<ExitCode> {
+    use multisite::cmd::replica as r;
+    match command {
+        SyncCommand::Push {
+            from,
+            to,
+            output,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let report = r::push(&client, &from, &to).await?;
+            match output {
+                r::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                r::Output::Table => print!("{}", r::render_push(&report)),
+            }
+        }
+        SyncCommand::Export {
+            replica,
+            peer,
+            out,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!("{}", r::export(&client, &replica, &peer, &out).await?);
+        }
+        SyncCommand::Import {
+            replica,
+            file,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let report = r::import(&client, &replica, &file).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -303,6 +303,78 @@ impl Compatibility {
     }
 }
 
+/// An in-place feature level raise of one replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Raise {
+    SchemaRepository(FeatureLevel),
+    UserDatabase(FeatureLevel),
+}
+
+impl Compatibility {
+    /// Whether a replica at `pair` may rest there between steps, or is between the
+    /// two steps of a paired move (a listed pair is reachable by raising its user
+    /// database).
+    pub fn is_transient_pair(&self, pair: FlPair) -> bool {
+        !self.is_valid_pair(pair)
+            && (pair.user_database + 1..=pair.schema_repository)
+                .any(|udb| self.is_valid_pair(FlPair::new(pair.schema_repository, udb)))
+    }
+
+    /// The pair after `raise`, or why the raise is refused: levels never go down, a
+    /// user database never goes above its schema repository, and the result is a
+    /// pair Table 2 lists, or the first step of a paired move.
+    pub fn raise(&self, from: FlPair, raise: Raise) -> Result<FlPair, String> {
+        match raise {
+            Raise::SchemaRepository(level) => {
+                if level <= from.schema_repository {
+                    return Err(format!(
+                        "the schema repository is at FL {}; feature levels only go up",
+                        from.schema_repository
+                    ));
+                }
+                if self.is_transient_pair(from) {
+                    return Err(format!(
+                        "the replica is at {from}, between the two steps of a paired move; raise its user database first"
+                    ));
+                }
+                let to = FlPair::new(level, from.user_database);
+                if self.is_valid_pair(to) || self.is_transient_pair(to) {
+                    Ok(to)
+                } else {
+                    Err(format!(
+                        "no pair with a schema repository at FL {level} can follow {from} (valid pairs: {})",
+                        self.valid_pairs()
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }
+            Raise::UserDatabase(level) => {
+                if level <= from.user_database {
+                    return Err(format!(
+                        "the user database is at FL {}; feature levels only go up",
+                        from.user_database
+                    ));
+                }
+                if level > from.schema_repository {
+                    return Err(format!(
+                        "the schema repository is at FL {}; raise it before the user database",
+                        from.schema_repository
+                    ));
+                }
+                let to = FlPair::new(from.schema_repository, level);
+                if self.is_valid_pair(to) {
+                    Ok(to)
+                } else {
+                    Err(format!("{to} is not a pair Table 2 lists"))
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +508,39 @@ mod tests {
         // The seed's example: (7,5) creates 9, which (6,6) does not accept.
         assert!(!c.can_send(FlPair::new(7, 5), FlPair::new(6, 6)));
         assert!(!c.can_send(FlPair::new(8, 7), FlPair::new(8, 8)));
+    }
+
+    #[test]
+    fn raises_follow_table_2() {
+        let c = compat();
+        let ok = |from: (i32, i32), r: Raise| c.raise(FlPair::new(from.0, from.1), r);
+        assert_eq!(
+            ok((6, 6), Raise::SchemaRepository(7)),
+            Ok(FlPair::new(7, 6))
+        );
+        assert_eq!(
+            ok((7, 7), Raise::SchemaRepository(8)),
+            Ok(FlPair::new(8, 7))
+        );
+        assert!(c.is_transient_pair(FlPair::new(8, 7)));
+        assert_eq!(ok((8, 7), Raise::UserDatabase(8)), Ok(FlPair::new(8, 8)));
+        assert!(ok((8, 7), Raise::SchemaRepository(9)).is_err());
+        assert!(
+            ok((6, 6), Raise::SchemaRepository(6))
+                .unwrap_err()
+                .contains("only go up")
+        );
+        assert!(
+            ok((6, 6), Raise::UserDatabase(7))
+                .unwrap_err()
+                .contains("raise it before")
+        );
+        assert!(ok((7, 5), Raise::UserDatabase(5)).is_err());
+        assert_eq!(ok((7, 5), Raise::UserDatabase(7)), Ok(FlPair::new(7, 7)));
+        assert!(ok((6, 5), Raise::SchemaRepository(9)).is_err());
+        // (8,6) is not listed and no user database raise of (8,6) stays below 8 validly
+        // except to 8, so it is the first step of a paired move too.
+        assert!(c.is_transient_pair(FlPair::new(8, 6)));
     }
 
     #[test]

@@ -27,7 +27,10 @@ use std::fmt;
 use thiserror::Error;
 
 /// What an item is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
 pub enum ItemKind {
     Record,
     /// A saved query, report or chart, owned by the user who created it.

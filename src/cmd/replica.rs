@@ -1,0 +1,449 @@
+//! The replica commands: `replica init|clone|serve|upgrade|status`, `records`,
+//! `mastership`, `sync`, `digest`.
+
+use crate::domain::compat::Compatibility;
+use crate::packet::change::{FieldDef, ItemKind, RecordTypeDef};
+use crate::replica::builtin_record_types;
+use crate::replica::http::{HttpError, ReplicaClient};
+use crate::replica::secret::{self, Secret};
+use crate::replica::server::{self, ImportReport, ItemView, PushReport, StatusReport};
+use crate::replica::store::{DB_FILE, InitParams, Store};
+use anyhow::{Context, anyhow, bail};
+use hyper::Method;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How data is printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// Finds and loads the family secret (`--secret-file` or `MULTISITE_SECRET_FILE`).
+pub fn load_secret(path: Option<&Path>) -> anyhow::Result<Secret> {
+    let path = path.ok_or(secret::SecretError::Missing)?;
+    Ok(secret::load(path)?)
+}
+
+/// A client for the CLI's calls: the family token and a client release.
+pub fn client(secret: &Secret, release: Option<&str>, compat: &Compatibility) -> ReplicaClient {
+    let release = release
+        .map(str::to_string)
+        .unwrap_or_else(|| newest_release(compat));
+    ReplicaClient::new(secret.api_token.clone(), Some(release))
+}
+
+/// The newest release in the compatibility data, as a concrete version.
+pub fn newest_release(compat: &Compatibility) -> String {
+    let row = compat.newest_release();
+    row.matches
+        .first()
+        .cloned()
+        .unwrap_or_else(|| row.release.clone())
+}
+
+/// Reads a schema file: YAML `recordTypes: [{name, fields: [{name, type}]}]`.
+pub fn read_schema(path: &Path) -> anyhow::Result<Vec<RecordTypeDef>> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct SchemaFile {
+        record_types: Vec<RecordTypeDef>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: SchemaFile =
+        serde_saphyr::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    for t in &file.record_types {
+        for FieldDef { name, field_type } in &t.fields {
+            if !["String", "Integer", "Boolean", "Timestamp", "Reference"]
+                .contains(&field_type.as_str())
+            {
+                bail!(
+                    "{}: field {name} of record type {}: unknown type {field_type:?} (String, Integer, Boolean, Timestamp or Reference)",
+                    path.display(),
+                    t.name
+                );
+            }
+        }
+    }
+    Ok(file.record_types)
+}
+
+pub struct InitArgs {
+    pub data: PathBuf,
+    pub family: String,
+    pub replica: String,
+    pub id_prefix: String,
+    pub feature_level: i32,
+    pub schema: Option<PathBuf>,
+    pub secret_file: Option<PathBuf>,
+}
+
+/// `replica init`: the first replica of a family.
+pub fn init(args: InitArgs, compat: &Compatibility) -> anyhow::Result<String> {
+    let prefix_ok = regex::Regex::new("^[A-Z][A-Z0-9]{0,7}$")?.is_match(&args.id_prefix);
+    if !prefix_ok {
+        bail!(
+            "--id-prefix {:?}: use 1 to 8 capital letters or digits, starting with a letter (e.g. SAMPL)",
+            args.id_prefix
+        );
+    }
+    let metaschema = compat.metaschema_for(args.feature_level).ok_or_else(|| {
+        anyhow!(
+            "--feature-level {}: no release in the compatibility data opens it (levels: {:?})",
+            args.feature_level,
+            compat.feature_levels()
+        )
+    })?;
+    if !compat.is_valid_pair(crate::domain::compat::FlPair::new(
+        args.feature_level,
+        args.feature_level,
+    )) {
+        bail!(
+            "--feature-level {}: Table 2 has no packet version for it",
+            args.feature_level
+        );
+    }
+    let secret_path = args
+        .secret_file
+        .clone()
+        .ok_or(secret::SecretError::Missing)?;
+    let created = secret::create_if_missing(&secret_path)?;
+    secret::load(&secret_path)?;
+    let record_types = match &args.schema {
+        Some(path) => read_schema(path)?,
+        None => builtin_record_types(),
+    };
+    let store = Store::init(
+        &args.data,
+        &InitParams {
+            family: args.family,
+            replica: args.replica,
+            id_prefix: args.id_prefix,
+            feature_level: args.feature_level,
+            metaschema,
+            record_types,
+        },
+    )?;
+    let id = store.identity();
+    let mut out = format!(
+        "created replica {} of family {} in {} (feature level {}, ids {}00001...)\n",
+        id.replica,
+        id.family,
+        args.data.display(),
+        args.feature_level,
+        id.id_prefix
+    );
+    if created {
+        out.push_str(&format!(
+            "created the family secret {}\n",
+            secret_path.display()
+        ));
+    }
+    Ok(out)
+}
+
+/// `replica clone`: a new replica from a live one.
+pub async fn clone(
+    from: &str,
+    data: &Path,
+    replica: &str,
+    secret: &Secret,
+) -> anyhow::Result<String> {
+    if data.join(DB_FILE).exists() {
+        bail!("{} already holds a replica", data.display());
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let client = ReplicaClient::new(secret.api_token.clone(), None);
+    let source: StatusReport = client.get_json(from, "/v1/status").await?;
+    // The copy arrives whole before it is put in place, so a failed transfer leaves nothing behind.
+    let bytes = client
+        .call(
+            Method::POST,
+            from,
+            "/v1/clone",
+            "application/json",
+            json!({"replica": replica}).to_string().into_bytes(),
+        )
+        .await?;
+    let tmp = data.join(format!("{DB_FILE}.partial"));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let tag = {
+        // The tag is also recorded in the copy's membership; read it from there.
+        let conn = rusqlite::Connection::open(&tmp)?;
+        conn.query_row("SELECT id_tag FROM peers WHERE name = ?1", [replica], |r| {
+            r.get::<_, String>(0)
+        })
+        .with_context(|| format!("the copy from {from} does not register {replica}"))?
+    };
+    std::fs::rename(&tmp, data.join(DB_FILE))?;
+    let store = Store::adopt_clone(data, replica, &tag, &source.replica)?;
+    Ok(format!(
+        "created replica {} of family {} from {} in {} ({} bytes copied; ids end in {})\n",
+        replica,
+        store.identity().family,
+        source.replica,
+        data.display(),
+        bytes.len(),
+        tag
+    ))
+}
+
+/// `replica serve`: the HTTP API until SIGINT/SIGTERM.
+pub async fn serve(
+    data: &Path,
+    listen: &str,
+    sync_full: bool,
+    secret: Secret,
+    compat: Compatibility,
+) -> anyhow::Result<()> {
+    let store = Store::open_with(data, sync_full)?;
+    let identity = store.identity().clone();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let replica = server::Replica::new(store, compat, secret);
+    let app = server::router(replica);
+    // The first line on stdout says where the server listens (tests and scripts read it).
+    println!(
+        "replica {} of family {} listening on http://{address}",
+        identity.replica, identity.family
+    );
+    tracing::info!(replica = %identity.replica, family = %identity.family, %address, "serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the server stopped")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+/// Which level `replica upgrade` raises.
+pub enum UpgradeTarget {
+    SchemaRepository(i32),
+    UserDatabase(i32),
+    UserDatabaseSchema(u64),
+}
+
+pub async fn upgrade(
+    client: &ReplicaClient,
+    url: &str,
+    target: UpgradeTarget,
+) -> anyhow::Result<String> {
+    let body = match target {
+        UpgradeTarget::SchemaRepository(n) => json!({"schemaRepository": n}),
+        UpgradeTarget::UserDatabase(n) => json!({"userDatabase": n}),
+        UpgradeTarget::UserDatabaseSchema(n) => json!({"userDatabaseSchema": n}),
+    };
+    let status: StatusReport = client
+        .send_json(Method::POST, url, "/v1/upgrade", &body)
+        .await?;
+    Ok(format!(
+        "replica {} now at schema repository FL {}, user database FL {} (metaschema {}){}\n",
+        status.replica,
+        status.schema_repository_feature_level,
+        status.user_database_feature_level,
+        status.metaschema_version,
+        match &status.sync_blocked {
+            Some(reason) => format!("; {reason}"),
+            None => String::new(),
+        }
+    ))
+}
+
+pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<String> {
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(status)? + "\n");
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "replica:            {} (family {}, incarnation {})\n",
+        status.replica, status.family, status.incarnation
+    ));
+    out.push_str(&format!(
+        "feature levels:     schema repository {}, user database {}, metaschema {}\n",
+        status.schema_repository_feature_level,
+        status.user_database_feature_level,
+        status.metaschema_version
+    ));
+    match &status.packet_version {
+        Some(p) => out.push_str(&format!(
+            "packet versions:    creates {}, accepts {}..{}\n",
+            p.creates, p.accepts_min, p.accepts_max
+        )),
+        None => out.push_str("packet versions:    none (sync paused)\n"),
+    }
+    if let Some(reason) = &status.sync_blocked {
+        out.push_str(&format!("sync:               {reason}\n"));
+    }
+    out.push_str(&format!(
+        "schema:             version {} in the repository, user database at {}\n",
+        status.schema_version, status.user_database_schema_version
+    ));
+    let epochs: Vec<String> = status
+        .epochs
+        .iter()
+        .map(|(o, s)| format!("{o}={s}"))
+        .collect();
+    out.push_str(&format!("epochs:             {}\n", epochs.join(" ")));
+    out.push_str(&format!("held packets:       {}\n", status.held_packets));
+    for held in &status.held {
+        out.push_str(&format!(
+            "  #{} from {} (version {}): {}\n",
+            held.id, held.sender, held.packet_version, held.reason
+        ));
+    }
+    let mastered: Vec<String> = status
+        .mastered
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    out.push_str(&format!("mastered here:      {}\n", mastered.join(" ")));
+    out.push_str(&format!(
+        "change log:         {} entries\n",
+        status.change_log
+    ));
+    Ok(out)
+}
+
+/// The URL path of a kind's collection.
+pub fn collection(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Record => "records",
+        ItemKind::WorkspaceItem => "workspace-items",
+        ItemKind::User => "users",
+    }
+}
+
+/// Parses `NAME=VALUE` arguments.
+pub fn parse_fields(fields: &[String]) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut out = BTreeMap::new();
+    for f in fields {
+        let (name, value) = f
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--field {f:?}: write NAME=VALUE"))?;
+        if name.is_empty() {
+            bail!("--field {f:?}: the field name is empty");
+        }
+        out.insert(name.to_string(), Value::String(value.to_string()));
+    }
+    Ok(out)
+}
+
+pub fn render_item(item: &ItemView, output: Output) -> anyhow::Result<String> {
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(item)? + "\n");
+    }
+    let mut out = format!(
+        "{} ({}), master {}, version {}{}\n",
+        item.id,
+        item.item_type,
+        item.master,
+        item.version,
+        if item.deleted { ", deleted" } else { "" }
+    );
+    for (k, v) in &item.fields {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.push_str(&format!("  {k}: {text}\n"));
+    }
+    Ok(out)
+}
+
+pub async fn push(client: &ReplicaClient, from: &str, to: &str) -> anyhow::Result<PushReport> {
+    Ok(client
+        .send_json(Method::POST, from, "/v1/sync/push", &json!({"to": to}))
+        .await?)
+}
+
+pub fn render_push(report: &PushReport) -> String {
+    let mut out = format!(
+        "{} -> {}: {} packet(s), {} change(s) sent, {} applied, {} already held; {} change(s) still to send\n",
+        report.from,
+        report.to,
+        report.packets,
+        report.changes_sent,
+        report.applied,
+        report.skipped,
+        report.lag
+    );
+    if let Some(reason) = &report.held {
+        out.push_str(&format!("held at {}: {reason}\n", report.to));
+    }
+    out
+}
+
+pub async fn export(
+    client: &ReplicaClient,
+    url: &str,
+    peer: &str,
+    out: &Path,
+) -> anyhow::Result<String> {
+    let bytes = client
+        .call(
+            Method::GET,
+            url,
+            &format!("/v1/sync/export?peer={peer}"),
+            "application/json",
+            Vec::new(),
+        )
+        .await?;
+    std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(format!(
+        "wrote a packet for {peer} to {} ({} bytes)\n",
+        out.display(),
+        bytes.len()
+    ))
+}
+
+pub async fn import(
+    client: &ReplicaClient,
+    url: &str,
+    file: &Path,
+) -> anyhow::Result<ImportReport> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let answer = client
+        .call(
+            Method::POST,
+            url,
+            "/v1/sync/import",
+            "application/octet-stream",
+            bytes,
+        )
+        .await?;
+    serde_json::from_slice(&answer).map_err(|e| anyhow!("{url} answered the import with {e}"))
+}
+
+/// Turns a refused or failed call into the error the CLI prints.
+pub fn explain(err: HttpError) -> anyhow::Error {
+    anyhow!(err.to_string())
+}

@@ -1,0 +1,204 @@
+//! A small HTTP client for talking to replica servers (the CLI and replica-to-replica
+//! pushes). Plain HTTP/1.1 over hyper; every call has a deadline.
+
+use bytes_body::Full;
+use http_body_util::BodyExt;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+mod bytes_body {
+    pub use http_body_util::Full;
+}
+
+/// Header carrying the caller's client release.
+pub const RELEASE_HEADER: &str = "x-multisite-release";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{url} is not a valid replica URL: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url} did not answer within {seconds} s")]
+    Timeout { url: String, seconds: u64 },
+    /// The server answered with an error; `message` is its explanation.
+    #[error("{message}")]
+    Status { status: u16, message: String },
+    #[error("{url} answered with something that is not the expected JSON: {reason}")]
+    BadAnswer { url: String, reason: String },
+}
+
+/// A client for one family: it carries the API token and, for record calls, a release.
+#[derive(Clone)]
+pub struct ReplicaClient {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
+    token: String,
+    release: Option<String>,
+    timeout: Duration,
+}
+
+/// What an error answer looks like.
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl ReplicaClient {
+    pub fn new(token: String, release: Option<String>) -> Self {
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        ReplicaClient {
+            client,
+            token,
+            release,
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    fn url(base: &str, path: &str) -> Result<hyper::Uri, HttpError> {
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_string()
+        } else {
+            format!("http://{base}")
+        };
+        let text = format!("{base}{path}");
+        let uri: hyper::Uri =
+            text.parse()
+                .map_err(|e: hyper::http::uri::InvalidUri| HttpError::BadUrl {
+                    url: base.clone(),
+                    reason: e.to_string(),
+                })?;
+        if uri.scheme_str() != Some("http") {
+            return Err(HttpError::BadUrl {
+                url: base,
+                reason: "only http:// is supported".into(),
+            });
+        }
+        Ok(uri)
+    }
+
+    /// Sends a request and returns the status and body bytes of a success.
+    pub async fn call(
+        &self,
+        method: Method,
+        base: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, HttpError> {
+        let uri = Self::url(base, path)?;
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", content_type);
+        if let Some(release) = &self.release {
+            builder = builder.header(RELEASE_HEADER, release);
+        }
+        let request = builder
+            .body(Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| HttpError::BadUrl {
+                url: base.to_string(),
+                reason: e.to_string(),
+            })?;
+        let seconds = self.timeout.as_secs();
+        let answer = tokio::time::timeout(self.timeout, async {
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|e| HttpError::Unreachable {
+                        url: base.to_string(),
+                        reason: error_chain(&e),
+                    })?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| HttpError::Unreachable {
+                    url: base.to_string(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            Ok::<_, HttpError>((status, bytes))
+        })
+        .await
+        .map_err(|_| HttpError::Timeout {
+            url: base.to_string(),
+            seconds,
+        })??;
+        let (status, bytes) = answer;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| {
+                format!(
+                    "{base} answered {status}: {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                )
+            });
+        Err(HttpError::Status {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        path: &str,
+    ) -> Result<T, HttpError> {
+        let bytes = self
+            .call(Method::GET, base, path, "application/json", Vec::new())
+            .await?;
+        parse(base, &bytes)
+    }
+
+    pub async fn send_json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        base: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, HttpError> {
+        let bytes = self
+            .call(
+                method,
+                base,
+                path,
+                "application/json",
+                body.to_string().into_bytes(),
+            )
+            .await?;
+        parse(base, &bytes)
+    }
+}
+
+fn parse<T: DeserializeOwned>(base: &str, bytes: &[u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(bytes).map_err(|e| HttpError::BadAnswer {
+        url: base.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Whether an HTTP status means "refused by the rules" (so the CLI exits non-zero with it).
+pub fn is_conflict(status: u16) -> bool {
+    status == StatusCode::CONFLICT.as_u16()
+}

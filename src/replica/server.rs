@@ -1,0 +1,1022 @@
+//! The replica server's HTTP API (axum) and the sync logic behind it: export,
+//! import with held packets, push to a peer, feature level raises, clone.
+//!
+//! Storage calls are blocking (SQLite); they run on the blocking pool behind one
+//! mutex, so the async runtime never waits on disk.
+
+use crate::domain::compat::{Compatibility, FlPair, Raise};
+use crate::packet::change::{FieldValue, ItemKind, ItemState};
+use crate::packet::codec::{self, Limits, PacketHeader};
+use crate::replica::http::{HttpError, RELEASE_HEADER, ReplicaClient};
+use crate::replica::secret::Secret;
+use crate::replica::store::{HeldPacket, ImportOutcome, Store, StoreError};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Everything a request handler needs.
+pub struct Replica {
+    store: Mutex<Store>,
+    compat: Compatibility,
+    secret: Secret,
+    limits: Limits,
+}
+
+pub type Shared = Arc<Replica>;
+
+/// An error answer: status and a message a person can act on.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        let status = match &err {
+            StoreError::Refused(_) => StatusCode::CONFLICT,
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Invalid(_) | StoreError::AlreadyExists { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %err, "storage failure");
+        }
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl From<HttpError> for ApiError {
+    fn from(err: HttpError) -> Self {
+        let status = match &err {
+            HttpError::Status { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            HttpError::BadUrl { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Packet versions a replica creates and accepts, as the status reports them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PacketVersions {
+    pub creates: i32,
+    pub accepts_min: i32,
+    pub accepts_max: i32,
+}
+
+/// `GET /v1/status`; field names follow the Replica resource's status.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    pub family: String,
+    pub replica: String,
+    pub id_prefix: String,
+    pub id_tag: String,
+    pub incarnation: u64,
+    pub schema_repository_feature_level: i32,
+    pub user_database_feature_level: i32,
+    pub metaschema_version: i32,
+    /// `null` while the replica is between the two steps of a paired move.
+    pub packet_version: Option<PacketVersions>,
+    /// Why the replica neither exports nor imports now, if so.
+    pub sync_blocked: Option<String>,
+    pub schema_version: u64,
+    pub user_database_schema_version: u64,
+    pub epochs: BTreeMap<String, u64>,
+    pub held_packets: usize,
+    pub held: Vec<HeldPacket>,
+    pub peers: Vec<crate::replica::store::Peer>,
+    pub mastered: BTreeMap<String, u64>,
+    pub change_log: u64,
+}
+
+/// What `POST /v1/sync/import` answers: the receiver's own report of what it committed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportReport {
+    pub replica: String,
+    pub incarnation: u64,
+    pub epochs: BTreeMap<String, u64>,
+    pub applied: usize,
+    pub skipped: usize,
+    /// Set when the packet was held; says why.
+    pub held: Option<String>,
+    /// Held packets imported after this one.
+    pub released: usize,
+}
+
+/// What `POST /v1/sync/push` answers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushReport {
+    pub from: String,
+    pub to: String,
+    pub packets: usize,
+    pub changes_sent: usize,
+    pub applied: usize,
+    pub skipped: usize,
+    pub held: Option<String>,
+    /// Changes the peer still lacks after the push.
+    pub lag: u64,
+}
+
+impl Replica {
+    pub fn new(store: Store, compat: Compatibility, secret: Secret) -> Shared {
+        Arc::new(Replica {
+            store: Mutex::new(store),
+            compat,
+            secret,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Runs `f` with the store on the blocking pool.
+    async fn with_store<T, F>(self: &Arc<Self>, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store, &Replica) -> ApiResult<T> + Send + 'static,
+    {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut store = me.store.lock().map_err(|_| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage lock poisoned")
+            })?;
+            f(&mut store, &me)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
+    fn pair(store: &Store) -> ApiResult<FlPair> {
+        let levels = store.levels()?;
+        Ok(FlPair::new(levels.schema_repository, levels.user_database))
+    }
+
+    /// Why this replica neither exports nor imports now, if so.
+    fn sync_blocked(&self, pair: FlPair) -> Option<String> {
+        if self.compat.creates(pair).is_none() {
+            Some(format!(
+                "the replica is at {pair}, a pair without a packet version (between the schema repository and user database raises); it neither exports nor imports until its user database is raised"
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn status(&self, store: &Store) -> ApiResult<StatusReport> {
+        let levels = store.levels()?;
+        let pair = FlPair::new(levels.schema_repository, levels.user_database);
+        let accepts = self.compat.accepts(pair);
+        let packet_version = self.compat.creates(pair).map(|creates| PacketVersions {
+            creates,
+            accepts_min: accepts.iter().copied().min().unwrap_or(creates),
+            accepts_max: accepts.iter().copied().max().unwrap_or(creates),
+        });
+        let held = store.held_packets()?;
+        let id = store.identity().clone();
+        let mastered = store
+            .mastered_counts()?
+            .into_iter()
+            .map(|(k, n)| {
+                let key = match k {
+                    ItemKind::Record => "records",
+                    ItemKind::WorkspaceItem => "workspaceItems",
+                    ItemKind::User => "users",
+                };
+                (key.to_string(), n)
+            })
+            .collect();
+        Ok(StatusReport {
+            family: id.family,
+            replica: id.replica,
+            id_prefix: id.id_prefix,
+            id_tag: id.id_tag,
+            incarnation: id.incarnation,
+            schema_repository_feature_level: levels.schema_repository,
+            user_database_feature_level: levels.user_database,
+            metaschema_version: levels.metaschema,
+            packet_version,
+            sync_blocked: self.sync_blocked(pair),
+            schema_version: levels.schema_version,
+            user_database_schema_version: levels.user_database_schema_version,
+            epochs: store.epochs()?,
+            held_packets: held.len(),
+            held,
+            peers: store.peers()?,
+            mastered,
+            change_log: store.change_log_len()?,
+        })
+    }
+
+    /// Why this replica cannot import a packet of `version` now, if so.
+    fn refuse_version(&self, pair: FlPair, version: i32) -> Option<String> {
+        if let Some(blocked) = self.sync_blocked(pair) {
+            return Some(blocked);
+        }
+        if self.compat.accepts_version(pair, version) {
+            None
+        } else {
+            let accepts = self.compat.accepts(pair);
+            Some(format!(
+                "packet version {version} is not accepted at {pair} (accepts {}..{}); the packet is held until this replica is upgraded",
+                accepts.iter().min().unwrap_or(&0),
+                accepts.iter().max().unwrap_or(&0)
+            ))
+        }
+    }
+
+    /// Imports a received packet, holding it when it cannot be imported yet, then
+    /// retries held packets.
+    fn import_packet(&self, store: &mut Store, bytes: &[u8]) -> ApiResult<ImportReport> {
+        let packet = codec::decode(bytes, &self.secret.packets, &self.limits)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("packet refused: {e}")))?;
+        let me = store.identity().clone();
+        let h = &packet.header;
+        if h.family != me.family {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "packet refused: it is for family {}, this replica belongs to {}",
+                    h.family, me.family
+                ),
+            ));
+        }
+        if h.target != me.replica {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "packet refused: it is for replica {}, this is {}",
+                    h.target, me.replica
+                ),
+            ));
+        }
+        if h.target_incarnation != me.incarnation {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "packet refused: it was made for incarnation {} of {}, which is now at incarnation {}; the sender must ask for the current state",
+                    h.target_incarnation, me.replica, me.incarnation
+                ),
+            ));
+        }
+        let pair = Self::pair(store)?;
+        let version = i32::from(h.packet_version);
+        let mut report = ImportReport {
+            replica: me.replica.clone(),
+            incarnation: me.incarnation,
+            epochs: BTreeMap::new(),
+            applied: 0,
+            skipped: 0,
+            held: None,
+            released: 0,
+        };
+        if let Some(reason) = self.refuse_version(pair, version) {
+            store.hold_packet(&h.sender, version, &reason, bytes)?;
+            tracing::info!(sender = %h.sender, version, %reason, "packet held");
+            report.held = Some(reason);
+        } else {
+            let outcome: ImportOutcome = store.import(&packet.changes)?;
+            report.applied = outcome.applied;
+            report.skipped = outcome.skipped;
+            if let Some(reason) = outcome.blocked {
+                store.hold_packet(&h.sender, version, &reason, bytes)?;
+                tracing::info!(sender = %h.sender, %reason, "packet held");
+                report.held = Some(reason);
+            }
+        }
+        report.released = self.retry_held(store)?;
+        report.epochs = store.epochs()?;
+        Ok(report)
+    }
+
+    /// Imports every held packet that can be imported now; repeats while any does.
+    /// Returns how many were released.
+    fn retry_held(&self, store: &mut Store) -> ApiResult<usize> {
+        let mut released = 0;
+        loop {
+            let mut progress = false;
+            for held in store.held_packets()? {
+                let pair = Self::pair(store)?;
+                if let Some(reason) = self.refuse_version(pair, held.packet_version) {
+                    store.update_held_reason(held.id, &reason)?;
+                    continue;
+                }
+                let packet = match codec::decode(&held.bytes, &self.secret.packets, &self.limits) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        store.update_held_reason(held.id, &format!("cannot be decoded: {e}"))?;
+                        continue;
+                    }
+                };
+                let outcome = store.import(&packet.changes)?;
+                if outcome.applied > 0 {
+                    progress = true;
+                }
+                match outcome.blocked {
+                    None => {
+                        store.release_held(held.id)?;
+                        released += 1;
+                        progress = true;
+                        tracing::info!(sender = %held.sender, id = held.id, "held packet imported");
+                    }
+                    Some(reason) => store.update_held_reason(held.id, &reason)?,
+                }
+            }
+            if !progress {
+                return Ok(released);
+            }
+        }
+    }
+
+    /// Pushes to the replica at `peer_url` everything it lacks, packet by packet.
+    pub async fn push(self: &Arc<Self>, peer_url: &str) -> ApiResult<PushReport> {
+        let client = ReplicaClient::new(self.secret.api_token.clone(), None);
+        let me = self.with_store(|s, _| Ok(s.identity().clone())).await?;
+        let mut report = PushReport {
+            from: me.replica.clone(),
+            ..PushReport::default()
+        };
+        // At most this many packets per push; a longer backlog continues next time.
+        for _ in 0..64 {
+            // The peer's own word on what it committed is the only basis for sending.
+            let peer: StatusReport = client.get_json(peer_url, "/v1/status").await?;
+            if peer.family != me.family {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{peer_url} serves replica {} of family {}, not of {}",
+                        peer.replica, peer.family, me.family
+                    ),
+                ));
+            }
+            report.to = peer.replica.clone();
+            let peer_name = peer.replica.clone();
+            let peer_epochs = peer.epochs.clone();
+            let peer_inc = peer.incarnation;
+            let prepared = self
+                .with_store(move |store, replica| {
+                    store.record_acknowledgement(&peer_name, peer_inc, &peer_epochs)?;
+                    let pair = Self::pair(store)?;
+                    if let Some(blocked) = replica.sync_blocked(pair) {
+                        return Err(ApiError::new(
+                            StatusCode::CONFLICT,
+                            format!("not exporting: {blocked}"),
+                        ));
+                    }
+                    let changes = store.changes_for(&peer_name)?;
+                    let lag = lag(&store.epochs()?, &peer_epochs);
+                    if changes.is_empty() {
+                        return Ok((None, lag));
+                    }
+                    let header = PacketHeader {
+                        packet_version: u16::try_from(replica.compat.creates(pair).unwrap_or(0))
+                            .unwrap_or(0),
+                        family: store.identity().family.clone(),
+                        sender: store.identity().replica.clone(),
+                        sender_incarnation: store.identity().incarnation,
+                        target: peer_name.clone(),
+                        target_incarnation: peer_inc,
+                    };
+                    let bytes =
+                        codec::encode(&header, &changes, &replica.secret.packets).map_err(|e| {
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                        })?;
+                    Ok((Some((bytes, changes.len())), lag))
+                })
+                .await?;
+            let (Some((bytes, count)), lag_before) = prepared else {
+                report.lag = prepared.1;
+                return Ok(report);
+            };
+            report.lag = lag_before;
+            let answer = client
+                .call(
+                    hyper::Method::POST,
+                    peer_url,
+                    "/v1/sync/import",
+                    "application/octet-stream",
+                    bytes,
+                )
+                .await?;
+            let imported: ImportReport = serde_json::from_slice(&answer).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{peer_url} answered an import with {e}"),
+                )
+            })?;
+            report.packets += 1;
+            report.changes_sent += count;
+            report.applied += imported.applied;
+            report.skipped += imported.skipped;
+            let name = imported.replica.clone();
+            let epochs = imported.epochs.clone();
+            let inc = imported.incarnation;
+            let lag_after = self
+                .with_store(move |store, _| {
+                    store.record_acknowledgement(&name, inc, &epochs)?;
+                    Ok(lag(&store.epochs()?, &epochs))
+                })
+                .await?;
+            report.lag = lag_after;
+            if imported.held.is_some() {
+                report.held = imported.held;
+                return Ok(report);
+            }
+            if lag_after == 0 {
+                return Ok(report);
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Changes `mine` holds that `theirs` lacks.
+fn lag(mine: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) -> u64 {
+    mine.iter()
+        .map(|(origin, seq)| seq.saturating_sub(theirs.get(origin).copied().unwrap_or(0)))
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// Item representation on the wire: plain JSON values, typed by the schema.
+
+/// An item as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemView {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub item_type: String,
+    pub fields: BTreeMap<String, Value>,
+    pub master: String,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+fn plain(value: &FieldValue) -> Value {
+    match value {
+        FieldValue::String(s) | FieldValue::Timestamp(s) | FieldValue::Reference(s) => {
+            Value::String(s.clone())
+        }
+        FieldValue::Integer(i) => Value::from(*i),
+        FieldValue::Boolean(b) => Value::Bool(*b),
+    }
+}
+
+impl From<&ItemState> for ItemView {
+    fn from(item: &ItemState) -> Self {
+        ItemView {
+            id: item.id.clone(),
+            item_type: item.item_type.clone(),
+            fields: item
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), plain(v)))
+                .collect(),
+            master: item.master.clone(),
+            version: item.version,
+            deleted: item.deleted,
+            owner: item.owner.clone(),
+        }
+    }
+}
+
+/// Turns a plain JSON value into the field's type (records) or a string (others).
+fn typed(
+    store: &Store,
+    kind: ItemKind,
+    item_type: &str,
+    name: &str,
+    value: &Value,
+) -> ApiResult<FieldValue> {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("field {name}: {other} is not a string, number or boolean"),
+            ));
+        }
+    };
+    if kind == ItemKind::Record {
+        Ok(store.parse_field(item_type, name, &text)?)
+    } else {
+        Ok(FieldValue::String(text))
+    }
+}
+
+fn kind_of(segment: &str) -> ApiResult<ItemKind> {
+    match segment {
+        "records" => Ok(ItemKind::Record),
+        "workspace-items" => Ok(ItemKind::WorkspaceItem),
+        "users" => Ok(ItemKind::User),
+        other => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such collection {other:?}: use records, workspace-items or users"),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handlers.
+
+/// Refuses callers without the family's token.
+fn authorize(replica: &Replica, headers: &HeaderMap) -> ApiResult<()> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = replica.secret.api_token.as_bytes();
+    // Compared without an early exit, so timing does not tell how much matched.
+    let same = presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong family token: callers need the family's secret",
+        ))
+    }
+}
+
+/// Refuses a client whose release cannot open this replica's feature levels.
+fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(release) = headers.get(RELEASE_HEADER).and_then(|v| v.to_str().ok()) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("present your client release in the {RELEASE_HEADER} header"),
+        ));
+    };
+    let levels = store.levels()?;
+    for fl in [levels.schema_repository, levels.user_database] {
+        match replica.compat.release_supports(release, fl) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "client release {release} cannot open this replica: it is at feature level {} (schema repository) / {} (user database) and {release} does not support FL {fl}; upgrade the client to {}",
+                        levels.schema_repository,
+                        levels.user_database,
+                        replica.compat.releases_supporting(fl).join(" or ")
+                    ),
+                ));
+            }
+            Err(e) => return Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateBody {
+    #[serde(rename = "type")]
+    item_type: Option<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, Value>,
+    /// Users: the user's name; workspace items: the owner.
+    owner: Option<String>,
+}
+
+async fn create_item(
+    State(r): State<Shared>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<CreateBody>,
+) -> ApiResult<(StatusCode, Json<ItemView>)> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let item_type = match (kind, body.item_type) {
+            (ItemKind::User, _) => "user".to_string(),
+            (_, Some(t)) => t,
+            (_, None) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "give the item's \"type\"",
+                ));
+            }
+        };
+        let mut fields = BTreeMap::new();
+        for (name, value) in &body.fields {
+            fields.insert(name.clone(), typed(store, kind, &item_type, name, value)?);
+        }
+        let item = store.create_item(kind, &item_type, fields, body.owner.as_deref())?;
+        Ok((StatusCode::CREATED, Json(ItemView::from(&item))))
+    })
+    .await
+}
+
+async fn get_item(
+    State(r): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<ItemView>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        match store.get_item(kind, &id)? {
+            Some(item) => Ok(Json(ItemView::from(&item))),
+            None => Err(StoreError::NotFound { kind, id }.into()),
+        }
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UpdateBody {
+    /// New values; `null` removes a field.
+    fields: BTreeMap<String, Value>,
+}
+
+async fn update_item(
+    State(r): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<UpdateBody>,
+) -> ApiResult<Json<ItemView>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let current = store
+            .get_item(kind, &id)?
+            .ok_or_else(|| StoreError::NotFound {
+                kind,
+                id: id.clone(),
+            })?;
+        let mut changes = BTreeMap::new();
+        for (name, value) in &body.fields {
+            let v = if value.is_null() {
+                None
+            } else {
+                Some(typed(store, kind, &current.item_type, name, value)?)
+            };
+            changes.insert(name.clone(), v);
+        }
+        Ok(Json(ItemView::from(
+            &store.update_item(kind, &id, changes)?,
+        )))
+    })
+    .await
+}
+
+async fn delete_item(
+    State(r): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<ItemView>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        Ok(Json(ItemView::from(&store.delete_item(kind, &id)?)))
+    })
+    .await
+}
+
+async fn list_items(
+    State(r): State<Shared>,
+    Path(kind): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<ItemView>>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let item_type = query
+            .iter()
+            .find(|(k, _)| k == "type")
+            .map(|(_, v)| v.clone());
+        let mut filters = Vec::new();
+        for (key, value) in &query {
+            if let Some(name) = key.strip_prefix("field.") {
+                let t = item_type.clone().ok_or_else(|| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "a field filter needs ?type=")
+                })?;
+                filters.push((
+                    name.to_string(),
+                    typed(store, kind, &t, name, &Value::String(value.clone()))?,
+                ));
+            } else if key != "type" {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter {key:?}: use type= and field.NAME="),
+                ));
+            }
+        }
+        let items = store.query(kind, item_type.as_deref(), &filters)?;
+        Ok(Json(items.iter().map(ItemView::from).collect()))
+    })
+    .await
+}
+
+async fn item_history(
+    State(r): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<Value>>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let entries = store.history(kind, &id)?;
+        if entries.is_empty() {
+            return Err(StoreError::NotFound { kind, id }.into());
+        }
+        Ok(Json(
+            entries
+                .iter()
+                .map(|e| json!({"version": e.version, "origin": e.origin, "seq": e.seq, "state": ItemView::from(&e.state)}))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MastershipBody {
+    /// The new master; absent with `force` means "take over here".
+    to: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn move_mastership(
+    State(r): State<Shared>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<MastershipBody>,
+) -> ApiResult<Json<Vec<ItemView>>> {
+    authorize(&r, &headers)?;
+    let kind = kind_of(&kind)?;
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let me = store.identity().replica.clone();
+        let moved = match body.to {
+            Some(to) if to != me => store.move_mastership(kind, &id, &to)?,
+            _ => {
+                let item = store.take_over(kind, &id, body.force)?;
+                tracing::warn!(item = %id, "mastership taken over by force");
+                vec![item]
+            }
+        };
+        Ok(Json(moved.iter().map(ItemView::from).collect()))
+    })
+    .await
+}
+
+async fn status(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<StatusReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(|store, replica| Ok(Json(replica.status(store)?)))
+        .await
+}
+
+async fn digest(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    authorize(&r, &headers)?;
+    r.with_store(|store, _| {
+        let (digest, items) = store.digest()?;
+        Ok(Json(
+            json!({"replica": store.identity().replica, "digest": digest, "items": items}),
+        ))
+    })
+    .await
+}
+
+async fn import(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<ImportReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| Ok(Json(replica.import_packet(store, &body)?)))
+        .await
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    peer: String,
+}
+
+async fn export(
+    State(r): State<Shared>,
+    Query(q): Query<ExportQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| {
+        let pair = Replica::pair(store)?;
+        if let Some(blocked) = replica.sync_blocked(pair) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("not exporting: {blocked}"),
+            ));
+        }
+        let peer = store
+            .peers()?
+            .into_iter()
+            .find(|p| p.name == q.peer)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("{} is not a member of this family", q.peer),
+                )
+            })?;
+        let changes = store.changes_for(&peer.name)?;
+        let header = PacketHeader {
+            packet_version: u16::try_from(replica.compat.creates(pair).unwrap_or(0)).unwrap_or(0),
+            family: store.identity().family.clone(),
+            sender: store.identity().replica.clone(),
+            sender_incarnation: store.identity().incarnation,
+            target: peer.name.clone(),
+            target_incarnation: peer.incarnation.max(1),
+        };
+        let bytes = codec::encode(&header, &changes, &replica.secret.packets)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(([("content-type", "application/octet-stream")], bytes).into_response())
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushBody {
+    to: String,
+}
+
+async fn push(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<PushBody>,
+) -> ApiResult<Json<PushReport>> {
+    authorize(&r, &headers)?;
+    Ok(Json(r.push(&body.to).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UpgradeBody {
+    schema_repository: Option<i32>,
+    user_database: Option<i32>,
+    user_database_schema: Option<u64>,
+}
+
+async fn upgrade(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<UpgradeBody>,
+) -> ApiResult<Json<StatusReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| {
+        let pair = Replica::pair(store)?;
+        let refuse =
+            |m: String| ApiError::new(StatusCode::CONFLICT, format!("upgrade refused: {m}"));
+        match (
+            body.schema_repository,
+            body.user_database,
+            body.user_database_schema,
+        ) {
+            (Some(level), None, None) => {
+                replica
+                    .compat
+                    .raise(pair, Raise::SchemaRepository(level))
+                    .map_err(refuse)?;
+                let metaschema = replica
+                    .compat
+                    .metaschema_for(level)
+                    .ok_or_else(|| refuse(format!("no release opens FL {level}")))?;
+                store.set_schema_repository_level(level, metaschema)?;
+                tracing::info!(level, "schema repository raised");
+            }
+            (None, Some(level), None) => {
+                replica
+                    .compat
+                    .raise(pair, Raise::UserDatabase(level))
+                    .map_err(refuse)?;
+                store.set_user_database_level(level)?;
+                tracing::info!(level, "user database raised");
+            }
+            (None, None, Some(version)) => {
+                store.upgrade_user_database_schema(version)?;
+                tracing::info!(version, "user database upgraded to a new schema version");
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "give exactly one of schemaRepository, userDatabase, userDatabaseSchema",
+                ));
+            }
+        }
+        replica.retry_held(store)?;
+        Ok(Json(replica.status(store)?))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneBody {
+    replica: String,
+}
+
+/// Makes a copy of this replica's database for a new replica; answers the copy's
+/// bytes with the new replica's id tag in `x-multisite-id-tag`.
+async fn clone_replica(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<CloneBody>,
+) -> ApiResult<Response> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, _| {
+        let dir = store.path().parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let tmp = dir.join(format!(".clone-{}.db", body.replica));
+        let _ = std::fs::remove_file(&tmp);
+        let result = store.snapshot_for_clone(&body.replica, &tmp);
+        let bytes = result.and_then(|tag| {
+            std::fs::read(&tmp)
+                .map(|b| (tag, b))
+                .map_err(|e| StoreError::Invalid(format!("cannot read the copy: {e}")))
+        });
+        let _ = std::fs::remove_file(&tmp);
+        let (tag, bytes) = bytes?;
+        tracing::info!(replica = %body.replica, %tag, size = bytes.len(), "copy made for a new replica");
+        Ok((
+            [("content-type", "application/octet-stream".to_string()), ("x-multisite-id-tag", tag)],
+            bytes,
+        )
+            .into_response())
+    })
+    .await
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The HTTP API.
+pub fn router(replica: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
+        .route("/v1/status", get(status))
+        .route("/v1/digest", get(digest))
+        .route("/v1/upgrade", post(upgrade))
+        .route("/v1/clone", post(clone_replica))
+        .route("/v1/sync/import", post(import))
+        .route("/v1/sync/export", get(export))
+        .route("/v1/sync/push", post(push))
+        .route("/v1/{kind}", get(list_items).post(create_item))
+        .route(
+            "/v1/{kind}/{id}",
+            get(get_item).patch(update_item).delete(delete_item),
+        )
+        .route("/v1/{kind}/{id}/history", get(item_history))
+        .route("/v1/{kind}/{id}/mastership", post(move_mastership))
+        .layer(axum::extract::DefaultBodyLimit::max(512 * 1024 * 1024))
+        .with_state(replica)
+}

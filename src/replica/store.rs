@@ -1,0 +1,1412 @@
+//! The replica's storage: one SQLite file (WAL) holding the schema repository
+//! (schema versions, feature level, metaschema) and the user database (records,
+//! workspace items, users, each with its master), the change log, the epoch table,
+//! what each peer acknowledged, and held packets.
+//!
+//! Every local change and its change-log entry commit in one transaction; every
+//! import is one transaction. Durability: WAL with `synchronous=NORMAL` survives a
+//! killed process (what our crash tests kill); `--sync-full` adds power-loss safety.
+
+use crate::domain::mastership::{self, ItemView, Master, Operation as Action, ReplicaStatus};
+use crate::packet::change::{
+    Change, FieldValue, ItemKind, ItemState, Membership, Operation, RecordTypeDef, SchemaVersion,
+};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The database file inside a replica's data directory.
+pub const DB_FILE: &str = "replica.db";
+
+/// Most changes one packet carries; a longer backlog goes in several packets.
+pub const MAX_CHANGES_PER_PACKET: usize = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error ({context}): {source}")]
+    Sqlite {
+        context: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{0}")]
+    Refused(#[from] mastership::Refusal),
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: ItemKind, id: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "{path} holds no replica (no {DB_FILE}); create one with `multisite replica init` or `multisite replica clone`"
+    )]
+    NoReplica { path: String },
+    #[error("{path} already holds a replica")]
+    AlreadyExists { path: String },
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        move |source| StoreError::Sqlite { context, source }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Who this replica is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub family: String,
+    pub replica: String,
+    pub id_prefix: String,
+    /// Letters ending the ids this replica creates; empty for the family's first replica.
+    pub id_tag: String,
+    pub incarnation: u64,
+}
+
+/// What `replica init` needs.
+#[derive(Clone, Debug)]
+pub struct InitParams {
+    pub family: String,
+    pub replica: String,
+    pub id_prefix: String,
+    pub feature_level: i32,
+    pub metaschema: i32,
+    pub record_types: Vec<RecordTypeDef>,
+}
+
+/// The feature levels and schema state of this replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Levels {
+    pub schema_repository: i32,
+    pub user_database: i32,
+    pub metaschema: i32,
+    /// Newest schema version in the schema repository.
+    pub schema_version: u64,
+    /// Schema version the user database has been upgraded to.
+    pub user_database_schema_version: u64,
+}
+
+/// A peer as this replica knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    pub name: String,
+    pub id_tag: String,
+    pub active: bool,
+    /// The peer's incarnation as last reported by the peer.
+    pub incarnation: u64,
+    /// What the peer reported it committed, per origin.
+    pub acknowledged: BTreeMap<String, u64>,
+}
+
+/// A packet kept until it can be imported.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldPacket {
+    pub id: i64,
+    pub sender: String,
+    pub packet_version: i32,
+    pub reason: String,
+    pub received_at: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportOutcome {
+    pub applied: usize,
+    /// Changes already held (duplicates are harmless).
+    pub skipped: usize,
+    /// Why the rest of the packet could not be imported yet; the packet is then held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+}
+
+/// One entry of an item's history.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub origin: String,
+    pub seq: u64,
+    pub state: ItemState,
+}
+
+/// A field filter of a query: field name and the value it must have.
+pub type FieldFilter = (String, FieldValue);
+
+pub struct Store {
+    conn: Connection,
+    identity: Identity,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE schema_versions (version INTEGER PRIMARY KEY, package TEXT, record_types TEXT NOT NULL);
+CREATE TABLE items (
+    kind TEXT NOT NULL, id TEXT NOT NULL, item_type TEXT NOT NULL, fields TEXT NOT NULL,
+    master TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL,
+    owner TEXT, schema_version INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)) WITHOUT ROWID;
+CREATE INDEX items_by_type ON items (kind, item_type);
+CREATE INDEX items_by_master ON items (master);
+CREATE TABLE history (
+    kind TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+    origin TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (kind, id, version)) WITHOUT ROWID;
+CREATE TABLE changes (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, seq INTEGER NOT NULL,
+    body TEXT NOT NULL, UNIQUE (origin, seq));
+CREATE TABLE epochs (origin TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE peers (
+    name TEXT PRIMARY KEY, id_tag TEXT NOT NULL, active INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TABLE peer_epochs (
+    peer TEXT NOT NULL, origin TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (peer, origin)) WITHOUT ROWID;
+CREATE TABLE held_packets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sender TEXT NOT NULL, packet_version INTEGER NOT NULL,
+    reason TEXT NOT NULL, received_at TEXT NOT NULL, bytes BLOB NOT NULL);
+";
+
+fn kind_key(kind: ItemKind) -> &'static str {
+    match kind {
+        ItemKind::Record => "record",
+        ItemKind::WorkspaceItem => "workspace",
+        ItemKind::User => "user",
+    }
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn get_meta(conn: &Connection, key: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(StoreError::sql("reading meta"))
+}
+
+fn need_meta(conn: &Connection, key: &str) -> Result<String> {
+    get_meta(conn, key)?.ok_or_else(|| StoreError::Corrupt(format!("meta key {key} is missing")))
+}
+
+fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map(|_| ())
+    .map_err(StoreError::sql("writing meta"))
+}
+
+fn meta_number<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> {
+    need_meta(conn, key)?
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("meta key {key} is not a number")))
+}
+
+/// The i-th child tag of `parent`: segments of `A`* then one letter B..Z, so
+/// every tag splits into its ancestors' segments one way only and no two
+/// replicas get the same tag.
+pub fn child_id_tag(parent: &str, index: u64) -> String {
+    let letters = b"BCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let count = letters.len() as u64;
+    let mut tag = parent.to_string();
+    for _ in 0..index / count {
+        tag.push('A');
+    }
+    tag.push(char::from(letters[(index % count) as usize]));
+    tag
+}
+
+/// Opens a connection with the pragmas every replica database uses.
+fn connect(path: &Path, sync_full: bool) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(StoreError::sql("opening the database"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(StoreError::sql("setting the busy timeout"))?;
+    let sync = if sync_full { "FULL" } else { "NORMAL" };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+    ))
+    .map_err(StoreError::sql("setting pragmas"))?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Creates the first replica of a family in `dir`.
+    pub fn init(dir: &Path, p: &InitParams) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        if path.exists() {
+            return Err(StoreError::AlreadyExists {
+                path: dir.display().to_string(),
+            });
+        }
+        let mut conn = connect(&path, false)?;
+        let tx = conn
+            .transaction()
+            .map_err(StoreError::sql("starting init"))?;
+        tx.execute_batch(SCHEMA)
+            .map_err(StoreError::sql("creating tables"))?;
+        for (key, value) in [
+            ("family", p.family.as_str()),
+            ("replica", p.replica.as_str()),
+            ("id_prefix", p.id_prefix.as_str()),
+            ("id_tag", ""),
+        ] {
+            set_meta(&tx, key, value)?;
+        }
+        for (key, value) in [
+            ("incarnation", 1i64),
+            ("schema_repository_fl", i64::from(p.feature_level)),
+            ("user_database_fl", i64::from(p.feature_level)),
+            ("metaschema", i64::from(p.metaschema)),
+            ("user_database_schema_version", 1),
+            ("next_record_number", 1),
+            ("next_child_tag", 0),
+        ] {
+            set_meta(&tx, key, &value.to_string())?;
+        }
+        tx.commit().map_err(StoreError::sql("committing init"))?;
+        let mut store = Store::open_conn(conn, path)?;
+        store.commit_local(vec![
+            Operation::AddSchemaVersion {
+                schema: SchemaVersion {
+                    version: 1,
+                    package: None,
+                    record_types: p.record_types.clone(),
+                },
+            },
+            Operation::Membership {
+                membership: Membership {
+                    replica: p.replica.clone(),
+                    id_tag: String::new(),
+                    active: true,
+                },
+            },
+        ])?;
+        Ok(store)
+    }
+
+    /// Opens the replica in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens the replica in `dir`, with `synchronous=FULL` when `sync_full`.
+    pub fn open_with(dir: &Path, sync_full: bool) -> Result<Store> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::NoReplica {
+                path: dir.display().to_string(),
+            });
+        }
+        let conn = connect(&path, sync_full)?;
+        Store::open_conn(conn, path)
+    }
+
+    fn open_conn(conn: Connection, path: PathBuf) -> Result<Store> {
+        let identity = Identity {
+            family: need_meta(&conn, "family")?,
+            replica: need_meta(&conn, "replica")?,
+            id_prefix: need_meta(&conn, "id_prefix")?,
+            id_tag: need_meta(&conn, "id_tag")?,
+            incarnation: meta_number(&conn, "incarnation")?,
+        };
+        Ok(Store {
+            conn,
+            identity,
+            path,
+        })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn levels(&self) -> Result<Levels> {
+        let schema_version: u64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_versions",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(StoreError::sql("reading schema versions"))?;
+        Ok(Levels {
+            schema_repository: meta_number(&self.conn, "schema_repository_fl")?,
+            user_database: meta_number(&self.conn, "user_database_fl")?,
+            metaschema: meta_number(&self.conn, "metaschema")?,
+            schema_version,
+            user_database_schema_version: meta_number(&self.conn, "user_database_schema_version")?,
+        })
+    }
+
+    fn transaction(&mut self, context: &'static str) -> Result<Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(StoreError::sql(context))
+    }
+
+    /// Records `ops` as this replica's next changes and applies them, in one transaction.
+    fn commit_local(&mut self, ops: Vec<Operation>) -> Result<Vec<Change>> {
+        let me = self.identity.replica.clone();
+        let tx = self.transaction("starting a local change")?;
+        let mut seq = epoch_of(&tx, &me)?;
+        let mut changes = Vec::with_capacity(ops.len());
+        for op in ops {
+            seq += 1;
+            let change = Change {
+                origin: me.clone(),
+                seq,
+                op,
+            };
+            log_and_apply(&tx, &change)?;
+            changes.push(change);
+        }
+        set_epoch(&tx, &me, seq)?;
+        tx.commit()
+            .map_err(StoreError::sql("committing a local change"))?;
+        Ok(changes)
+    }
+
+    /// The record types of the user database's schema version.
+    pub fn record_types(&self) -> Result<Vec<RecordTypeDef>> {
+        let version = self.levels()?.user_database_schema_version;
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT record_types FROM schema_versions WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::sql("reading the schema"))?;
+        match text {
+            Some(t) => from_json(&t, "record types"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Checks a record's fields against its type; returns the typed fields.
+    fn check_record_fields(
+        &self,
+        record_type: &str,
+        fields: &BTreeMap<String, FieldValue>,
+    ) -> Result<()> {
+        let types = self.record_types()?;
+        let Some(def) = types.iter().find(|t| t.name == record_type) else {
+            let known: Vec<&str> = types.iter().map(|t| t.name.as_str()).collect();
+            return Err(StoreError::Invalid(format!(
+                "record type {record_type:?} is not in the schema (known: {})",
+                known.join(", ")
+            )));
+        };
+        for (name, value) in fields {
+            let Some(field) = def.fields.iter().find(|f| &f.name == name) else {
+                let known: Vec<&str> = def.fields.iter().map(|f| f.name.as_str()).collect();
+                return Err(StoreError::Invalid(format!(
+                    "record type {record_type} has no field {name:?} (fields: {})",
+                    known.join(", ")
+                )));
+            };
+            let fits = matches!(
+                (field.field_type.as_str(), value),
+                ("String", FieldValue::String(_))
+                    | ("Integer", FieldValue::Integer(_))
+                    | ("Boolean", FieldValue::Boolean(_))
+                    | ("Timestamp", FieldValue::Timestamp(_))
+                    | ("Reference", FieldValue::Reference(_))
+            );
+            if !fits {
+                return Err(StoreError::Invalid(format!(
+                    "field {name} of {record_type} is of type {}",
+                    field.field_type
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses `NAME=VALUE` text into the field's type for `record_type`.
+    pub fn parse_field(&self, record_type: &str, name: &str, text: &str) -> Result<FieldValue> {
+        let types = self.record_types()?;
+        let field_type = types
+            .iter()
+            .find(|t| t.name == record_type)
+            .and_then(|t| t.fields.iter().find(|f| f.name == name))
+            .map(|f| f.field_type.clone())
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("record type {record_type} has no field {name:?}"))
+            })?;
+        parse_typed(&field_type, name, text)
+    }
+
+    /// Creates an item mastered here.
+    pub fn create_item(
+        &mut self,
+        kind: ItemKind,
+        item_type: &str,
+        fields: BTreeMap<String, FieldValue>,
+        owner: Option<&str>,
+    ) -> Result<ItemState> {
+        if kind == ItemKind::Record {
+            self.check_record_fields(item_type, &fields)?;
+        }
+        let levels = self.levels()?;
+        let id = match kind {
+            ItemKind::User => owner
+                .ok_or_else(|| StoreError::Invalid("a user needs a name".into()))?
+                .to_string(),
+            _ => {
+                let number: u64 = meta_number(&self.conn, "next_record_number")?;
+                set_meta(&self.conn, "next_record_number", &(number + 1).to_string())?;
+                format!(
+                    "{}{:05}{}",
+                    self.identity.id_prefix, number, self.identity.id_tag
+                )
+            }
+        };
+        if kind == ItemKind::User && self.get_item(kind, &id)?.is_some_and(|u| !u.deleted) {
+            return Err(StoreError::Invalid(format!("user {id} already exists")));
+        }
+        let item = ItemState {
+            kind,
+            id,
+            item_type: item_type.to_string(),
+            fields,
+            master: self.identity.replica.clone(),
+            version: 1,
+            deleted: false,
+            owner: owner.map(str::to_string),
+            schema_version: levels.user_database_schema_version,
+        };
+        self.commit_local(vec![Operation::PutItem {
+            item: item.clone(),
+            forced_from: None,
+        }])?;
+        Ok(item)
+    }
+
+    pub fn get_item(&self, kind: ItemKind, id: &str) -> Result<Option<ItemState>> {
+        get_item(&self.conn, kind, id)
+    }
+
+    fn existing(&self, kind: ItemKind, id: &str) -> Result<ItemState> {
+        match self.get_item(kind, id)? {
+            Some(item) if !item.deleted => Ok(item),
+            _ => Err(StoreError::NotFound {
+                kind,
+                id: id.to_string(),
+            }),
+        }
+    }
+
+    fn view(item: &ItemState) -> ItemView {
+        ItemView {
+            id: item.id.clone(),
+            kind: item.kind,
+            master: Master::At(item.master.clone()),
+            moves: item.version,
+            creator: item.owner.clone(),
+        }
+    }
+
+    /// Refuses `action` on `item` unless this replica may do it.
+    fn check(&self, action: &Action, item: &ItemState) -> Result<()> {
+        let actor = match (item.kind, &item.owner) {
+            (ItemKind::WorkspaceItem, Some(owner)) => {
+                let user_master = self
+                    .get_item(ItemKind::User, owner)?
+                    .map(|u| Master::At(u.master))
+                    .unwrap_or_else(|| Master::At(self.identity.replica.clone()));
+                Some(mastership::ActorView {
+                    user: owner.clone(),
+                    user_master,
+                })
+            }
+            _ => None,
+        };
+        mastership::check(
+            action,
+            &Self::view(item),
+            &self.identity.replica,
+            actor.as_ref(),
+        )?;
+        Ok(())
+    }
+
+    /// Changes fields of an item mastered here (`None` removes a field).
+    pub fn update_item(
+        &mut self,
+        kind: ItemKind,
+        id: &str,
+        changes: BTreeMap<String, Option<FieldValue>>,
+    ) -> Result<ItemState> {
+        let mut item = self.existing(kind, id)?;
+        self.check(&Action::Modify, &item)?;
+        for (name, value) in changes {
+            match value {
+                Some(v) => item.fields.insert(name, v),
+                None => item.fields.remove(&name),
+            };
+        }
+        if kind == ItemKind::Record {
+            self.check_record_fields(&item.item_type, &item.fields)?;
+        }
+        item.version += 1;
+        item.schema_version = item
+            .schema_version
+            .max(self.levels()?.user_database_schema_version);
+        self.commit_local(vec![Operation::PutItem {
+            item: item.clone(),
+            forced_from: None,
+        }])?;
+        Ok(item)
+    }
+
+    /// Deletes an item mastered here (a tombstone replicates).
+    pub fn delete_item(&mut self, kind: ItemKind, id: &str) -> Result<ItemState> {
+        let mut item = self.existing(kind, id)?;
+        self.check(&Action::Delete, &item)?;
+        item.version += 1;
+        item.deleted = true;
+        self.commit_local(vec![Operation::PutItem {
+            item: item.clone(),
+            forced_from: None,
+        }])?;
+        Ok(item)
+    }
+
+    /// Moves an item's mastership to `to`; a user's workspace items mastered here go with it.
+    pub fn move_mastership(
+        &mut self,
+        kind: ItemKind,
+        id: &str,
+        to: &str,
+    ) -> Result<Vec<ItemState>> {
+        let item = self.existing(kind, id)?;
+        let action = Action::MoveMastership { to: to.to_string() };
+        // A workspace item moves with its owner or on an explicit request at its master.
+        mastership::check(
+            &action,
+            &Self::view(&item),
+            &self.identity.replica,
+            Some(&mastership::ActorView {
+                user: item.owner.clone().unwrap_or_default(),
+                user_master: Master::At(self.identity.replica.clone()),
+            }),
+        )?;
+        if !self.peers()?.iter().any(|p| p.name == to && p.active) {
+            return Err(StoreError::Invalid(format!(
+                "replica {to} is not an active member of family {}",
+                self.identity.family
+            )));
+        }
+        let mut moved = vec![item];
+        if kind == ItemKind::User {
+            let me = self.identity.replica.clone();
+            let views: Vec<ItemState> = self
+                .query(ItemKind::WorkspaceItem, None, &[])?
+                .into_iter()
+                .collect();
+            let item_views: Vec<ItemView> = views.iter().map(Self::view).collect();
+            let carried = mastership::items_moving_with_user(id, &me, &item_views);
+            moved.extend(
+                views
+                    .into_iter()
+                    .filter(|v| carried.contains(&v.id.as_str())),
+            );
+        }
+        let ops = moved
+            .iter_mut()
+            .map(|item| {
+                item.master = to.to_string();
+                item.version += 1;
+                Operation::PutItem {
+                    item: item.clone(),
+                    forced_from: None,
+                }
+            })
+            .collect();
+        self.commit_local(ops)?;
+        Ok(moved)
+    }
+
+    /// Takes mastership of an item from a replica that was removed from the family.
+    pub fn take_over(&mut self, kind: ItemKind, id: &str, force: bool) -> Result<ItemState> {
+        let mut item = self.existing(kind, id)?;
+        let status = match self.peers()?.iter().find(|p| p.name == item.master) {
+            Some(p) if !p.active => ReplicaStatus::Removed,
+            _ => ReplicaStatus::Alive,
+        };
+        mastership::check(
+            &Action::TakeOver {
+                force,
+                master_status: status,
+            },
+            &Self::view(&item),
+            &self.identity.replica,
+            None,
+        )?;
+        let from = std::mem::replace(&mut item.master, self.identity.replica.clone());
+        item.version += 1;
+        self.commit_local(vec![Operation::PutItem {
+            item: item.clone(),
+            forced_from: Some(from),
+        }])?;
+        Ok(item)
+    }
+
+    /// Items of `kind`, optionally of one type, whose fields equal every filter.
+    /// Deleted items are left out.
+    pub fn query(
+        &self,
+        kind: ItemKind,
+        item_type: Option<&str>,
+        filters: &[FieldFilter],
+    ) -> Result<Vec<ItemState>> {
+        let mut sql = String::from(
+            "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version FROM items WHERE kind = ?1 AND deleted = 0",
+        );
+        let mut args: Vec<String> = vec![kind_key(kind).to_string()];
+        if let Some(t) = item_type {
+            args.push(t.to_string());
+            sql.push_str(&format!(" AND item_type = ?{}", args.len()));
+        }
+        for (name, value) in filters {
+            let wanted = to_json(value)?;
+            args.push(format!("$.\"{}\"", name.replace('"', "")));
+            let path_arg = args.len();
+            args.push(wanted);
+            sql.push_str(&format!(
+                " AND json(json_extract(fields, ?{path_arg})) = json(?{})",
+                args.len()
+            ));
+        }
+        sql.push_str(" ORDER BY id");
+        let mut stmt = self
+            .conn
+            .prepare(&sql)
+            .map_err(StoreError::sql("preparing a query"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), row_text)
+            .map_err(StoreError::sql("running a query"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(item_from_row(
+                row.map_err(StoreError::sql("reading a row"))?,
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// Every state an item has had at this replica, oldest first.
+    pub fn history(&self, kind: ItemKind, id: &str) -> Result<Vec<HistoryEntry>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT version, origin, seq, state FROM history WHERE kind = ?1 AND id = ?2 ORDER BY version")
+            .map_err(StoreError::sql("preparing history"))?;
+        let rows = stmt
+            .query_map(params![kind_key(kind), id], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(StoreError::sql("reading history"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, origin, seq, state) = row.map_err(StoreError::sql("reading history"))?;
+            out.push(HistoryEntry {
+                version,
+                origin,
+                seq,
+                state: from_json(&state, "history state")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// This replica's row of the epoch table: changes held from each origin.
+    pub fn epochs(&self) -> Result<BTreeMap<String, u64>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT origin, seq FROM epochs")
+            .map_err(StoreError::sql("reading epochs"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(StoreError::sql("reading epochs"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading epochs"))
+    }
+
+    /// The family's replicas as this replica knows them, itself included.
+    pub fn peers(&self) -> Result<Vec<Peer>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, id_tag, active, incarnation FROM peers ORDER BY name")
+            .map_err(StoreError::sql("reading peers"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Peer {
+                    name: r.get(0)?,
+                    id_tag: r.get(1)?,
+                    active: r.get(2)?,
+                    incarnation: r.get(3)?,
+                    acknowledged: BTreeMap::new(),
+                })
+            })
+            .map_err(StoreError::sql("reading peers"))?;
+        let mut peers: Vec<Peer> = rows
+            .collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading peers"))?;
+        for peer in &mut peers {
+            peer.acknowledged = self.acknowledged(&peer.name)?;
+        }
+        Ok(peers)
+    }
+
+    fn acknowledged(&self, peer: &str) -> Result<BTreeMap<String, u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT origin, seq FROM peer_epochs WHERE peer = ?1")
+            .map_err(StoreError::sql("reading acknowledgements"))?;
+        let rows = stmt
+            .query_map([peer], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))
+            })
+            .map_err(StoreError::sql("reading acknowledgements"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading acknowledgements"))
+    }
+
+    /// The changes `peer` lacks by what it last acknowledged, in this replica's log
+    /// order, at most [`MAX_CHANGES_PER_PACKET`]. Errors when the log was trimmed
+    /// past what the peer holds (it must then be re-created from a live replica).
+    pub fn changes_for(&self, peer: &str) -> Result<Vec<Change>> {
+        let acked = self.acknowledged(peer)?;
+        let mut picked: Vec<(i64, String)> = Vec::new();
+        for (origin, held) in self.epochs()? {
+            let from = acked.get(&origin).copied().unwrap_or(0);
+            if held <= from {
+                continue;
+            }
+            let first: Option<u64> = self
+                .conn
+                .query_row(
+                    "SELECT MIN(seq) FROM changes WHERE origin = ?1 AND seq > ?2",
+                    params![origin, from],
+                    |r| r.get(0),
+                )
+                .map_err(StoreError::sql("reading the change log"))?;
+            if first != Some(from + 1) {
+                return Err(StoreError::Invalid(format!(
+                    "replica {peer} holds {from} changes from {origin}, but the change log here starts after that; re-create {peer} from a live replica"
+                )));
+            }
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT pos, body FROM changes WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )
+                .map_err(StoreError::sql("reading the change log"))?;
+            let rows = stmt
+                .query_map(params![origin, from, MAX_CHANGES_PER_PACKET as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(StoreError::sql("reading the change log"))?;
+            for row in rows {
+                picked.push(row.map_err(StoreError::sql("reading the change log"))?);
+            }
+        }
+        picked.sort_by_key(|(pos, _)| *pos);
+        // Keep a log-order prefix so that every origin's run stays contiguous.
+        picked.truncate(MAX_CHANGES_PER_PACKET);
+        picked
+            .iter()
+            .map(|(_, body)| from_json(body, "a change"))
+            .collect()
+    }
+
+    /// Records what `peer` reported it committed; trims the change log of what
+    /// every active peer now holds.
+    pub fn record_acknowledgement(
+        &mut self,
+        peer: &str,
+        incarnation: u64,
+        epochs: &BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let me = self.identity.replica.clone();
+        let tx = self.transaction("recording an acknowledgement")?;
+        tx.execute(
+            "UPDATE peers SET incarnation = ?2 WHERE name = ?1",
+            params![peer, incarnation],
+        )
+        .map_err(StoreError::sql("recording an acknowledgement"))?;
+        tx.execute("DELETE FROM peer_epochs WHERE peer = ?1", [peer])
+            .map_err(StoreError::sql("recording an acknowledgement"))?;
+        for (origin, seq) in epochs {
+            tx.execute(
+                "INSERT INTO peer_epochs (peer, origin, seq) VALUES (?1, ?2, ?3)",
+                params![peer, origin, seq],
+            )
+            .map_err(StoreError::sql("recording an acknowledgement"))?;
+        }
+        trim(&tx, &me)?;
+        tx.commit()
+            .map_err(StoreError::sql("recording an acknowledgement"))
+    }
+
+    /// Changes still in the change log (not yet acknowledged by every peer).
+    pub fn change_log_len(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+            .map_err(StoreError::sql("counting the change log"))
+    }
+
+    /// Imports changes from a packet in one transaction: already-held changes are
+    /// skipped; each origin's changes apply in order; the import stops at the first
+    /// change that would leave a gap or needs a schema version the user database
+    /// lacks, and says why (the caller then holds the packet).
+    pub fn import(&mut self, changes: &[Change]) -> Result<ImportOutcome> {
+        let udb_schema: u64 = meta_number(&self.conn, "user_database_schema_version")?;
+        let tx = self.transaction("starting an import")?;
+        let mut outcome = ImportOutcome::default();
+        let mut held: BTreeMap<String, u64> = BTreeMap::new();
+        for change in changes {
+            let have = match held.get(&change.origin) {
+                Some(seq) => *seq,
+                None => epoch_of(&tx, &change.origin)?,
+            };
+            if change.seq <= have {
+                outcome.skipped += 1;
+                continue;
+            }
+            if change.seq > have + 1 {
+                outcome.blocked = Some(format!(
+                    "change {} of {} arrived before changes {}..{} of it (a gap); the packet is held until they arrive",
+                    change.seq,
+                    change.origin,
+                    have + 1,
+                    change.seq - 1
+                ));
+                break;
+            }
+            if let Operation::PutItem { item, .. } = &change.op
+                && item.schema_version > udb_schema
+            {
+                outcome.blocked = Some(format!(
+                    "{} {} needs schema version {} and the user database is at schema version {}; the packet is held until the user database is upgraded",
+                    item.kind, item.id, item.schema_version, udb_schema
+                ));
+                break;
+            }
+            log_and_apply(&tx, change)?;
+            held.insert(change.origin.clone(), change.seq);
+            outcome.applied += 1;
+        }
+        for (origin, seq) in &held {
+            set_epoch(&tx, origin, *seq)?;
+        }
+        tx.commit()
+            .map_err(StoreError::sql("committing an import"))?;
+        Ok(outcome)
+    }
+
+    /// Keeps a packet until it can be imported.
+    pub fn hold_packet(
+        &mut self,
+        sender: &str,
+        packet_version: i32,
+        reason: &str,
+        bytes: &[u8],
+    ) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO held_packets (sender, packet_version, reason, received_at, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sender, packet_version, reason, now_rfc3339(), bytes],
+            )
+            .map_err(StoreError::sql("holding a packet"))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn held_packets(&self) -> Result<Vec<HeldPacket>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, sender, packet_version, reason, received_at, bytes FROM held_packets ORDER BY id")
+            .map_err(StoreError::sql("reading held packets"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(HeldPacket {
+                    id: r.get(0)?,
+                    sender: r.get(1)?,
+                    packet_version: r.get(2)?,
+                    reason: r.get(3)?,
+                    received_at: r.get(4)?,
+                    bytes: r.get(5)?,
+                })
+            })
+            .map_err(StoreError::sql("reading held packets"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading held packets"))
+    }
+
+    /// Updates why a held packet waits.
+    pub fn update_held_reason(&mut self, id: i64, reason: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE held_packets SET reason = ?2 WHERE id = ?1",
+                params![id, reason],
+            )
+            .map(|_| ())
+            .map_err(StoreError::sql("updating a held packet"))
+    }
+
+    /// Forgets a held packet once it was imported whole.
+    pub fn release_held(&mut self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM held_packets WHERE id = ?1", [id])
+            .map(|_| ())
+            .map_err(StoreError::sql("releasing a held packet"))
+    }
+
+    /// Raises the schema repository's feature level in place.
+    pub fn set_schema_repository_level(&mut self, level: i32, metaschema: i32) -> Result<()> {
+        let tx = self.transaction("raising the schema repository")?;
+        set_meta(&tx, "schema_repository_fl", &level.to_string())?;
+        set_meta(&tx, "metaschema", &metaschema.to_string())?;
+        tx.commit()
+            .map_err(StoreError::sql("raising the schema repository"))
+    }
+
+    /// Raises the user database's feature level in place.
+    pub fn set_user_database_level(&mut self, level: i32) -> Result<()> {
+        set_meta(&self.conn, "user_database_fl", &level.to_string())
+    }
+
+    /// Upgrades the user database to a schema version the repository holds.
+    pub fn upgrade_user_database_schema(&mut self, version: u64) -> Result<()> {
+        let levels = self.levels()?;
+        if version <= levels.user_database_schema_version {
+            return Err(StoreError::Invalid(format!(
+                "the user database is already at schema version {}",
+                levels.user_database_schema_version
+            )));
+        }
+        if version > levels.schema_version {
+            return Err(StoreError::Invalid(format!(
+                "the schema repository holds schema versions up to {}; {version} has not arrived yet",
+                levels.schema_version
+            )));
+        }
+        set_meta(
+            &self.conn,
+            "user_database_schema_version",
+            &version.to_string(),
+        )
+    }
+
+    /// Adds a schema version at the replica that masters the schema repository.
+    pub fn add_schema_version(
+        &mut self,
+        package: Option<String>,
+        record_types: Vec<RecordTypeDef>,
+    ) -> Result<SchemaVersion> {
+        let version = self.levels()?.schema_version + 1;
+        let schema = SchemaVersion {
+            version,
+            package,
+            record_types,
+        };
+        self.commit_local(vec![Operation::AddSchemaVersion {
+            schema: schema.clone(),
+        }])?;
+        Ok(schema)
+    }
+
+    /// Source side of creating a replica from this live one: registers `new_replica`
+    /// as a member with the next id tag, writes a consistent copy of the database to
+    /// `dest` (this replica stays readable and writable meanwhile), and records that
+    /// the new replica holds what the copy holds. Returns the new replica's id tag.
+    pub fn snapshot_for_clone(&mut self, new_replica: &str, dest: &Path) -> Result<String> {
+        if self.peers()?.iter().any(|p| p.name == new_replica) {
+            return Err(StoreError::Invalid(format!(
+                "replica {new_replica} is or was already a member of family {}; a removed replica's name is not reused",
+                self.identity.family
+            )));
+        }
+        let index: u64 = meta_number(&self.conn, "next_child_tag")?;
+        let tag = child_id_tag(&self.identity.id_tag, index);
+        set_meta(&self.conn, "next_child_tag", &(index + 1).to_string())?;
+        self.commit_local(vec![Operation::Membership {
+            membership: Membership {
+                replica: new_replica.to_string(),
+                id_tag: tag.clone(),
+                active: true,
+            },
+        }])?;
+        let dest_text = dest
+            .to_str()
+            .ok_or_else(|| StoreError::Invalid(format!("{} is not UTF-8", dest.display())))?;
+        self.conn
+            .execute("VACUUM INTO ?1", [dest_text])
+            .map_err(StoreError::sql("copying the database"))?;
+        let copy = Connection::open(dest).map_err(StoreError::sql("reading the copy"))?;
+        let mut stmt = copy
+            .prepare("SELECT origin, seq FROM epochs")
+            .map_err(StoreError::sql("reading the copy"))?;
+        let held: BTreeMap<String, u64> = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))
+            .map_err(StoreError::sql("reading the copy"))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading the copy"))?;
+        self.record_acknowledgement(new_replica, 1, &held)?;
+        Ok(tag)
+    }
+
+    /// Clone side: turns a copy made by [`Store::snapshot_for_clone`] of replica
+    /// `source`, placed at `dir/replica.db`, into replica `name` with id tag `tag`.
+    pub fn adopt_clone(dir: &Path, name: &str, tag: &str, source: &str) -> Result<Store> {
+        let path = dir.join(DB_FILE);
+        let mut conn = connect(&path, false)?;
+        let tx = conn
+            .transaction()
+            .map_err(StoreError::sql("adopting the copy"))?;
+        let copied_from: String = need_meta(&tx, "replica")?;
+        if copied_from != source {
+            return Err(StoreError::Invalid(format!(
+                "the copy is of replica {copied_from}, not {source}"
+            )));
+        }
+        set_meta(&tx, "replica", name)?;
+        set_meta(&tx, "id_tag", tag)?;
+        set_meta(&tx, "incarnation", "1")?;
+        set_meta(&tx, "next_record_number", "1")?;
+        set_meta(&tx, "next_child_tag", "0")?;
+        tx.execute("DELETE FROM held_packets", [])
+            .map_err(StoreError::sql("adopting the copy"))?;
+        // What the source holds is exactly what the copy holds; beliefs about the
+        // other peers are the source's (lower bounds, so nothing is skipped).
+        tx.execute("DELETE FROM peer_epochs WHERE peer = ?1", [name])
+            .map_err(StoreError::sql("adopting the copy"))?;
+        tx.execute("DELETE FROM peer_epochs WHERE peer = ?1", [source])
+            .map_err(StoreError::sql("adopting the copy"))?;
+        tx.execute(
+            "INSERT INTO peer_epochs (peer, origin, seq) SELECT ?1, origin, seq FROM epochs",
+            [source],
+        )
+        .map_err(StoreError::sql("adopting the copy"))?;
+        tx.commit().map_err(StoreError::sql("adopting the copy"))?;
+        Store::open_conn(conn, path)
+    }
+
+    /// Items mastered here, by kind.
+    pub fn mastered_counts(&self) -> Result<BTreeMap<ItemKind, u64>> {
+        let mut out = BTreeMap::new();
+        for kind in [ItemKind::Record, ItemKind::WorkspaceItem, ItemKind::User] {
+            let n: u64 = self
+                .conn
+                .query_row(
+                    "SELECT COUNT(*) FROM items WHERE kind = ?1 AND master = ?2 AND deleted = 0",
+                    params![kind_key(kind), self.identity.replica],
+                    |r| r.get(0),
+                )
+                .map_err(StoreError::sql("counting mastered items"))?;
+            out.insert(kind, n);
+        }
+        Ok(out)
+    }
+
+    /// A digest of the replicated content: schema versions, members, and every
+    /// item with its master and version. Replicas holding the same changes agree.
+    pub fn digest(&self) -> Result<(String, u64)> {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut feed = |parts: &[&str]| {
+            for part in parts {
+                ctx.update(&(part.len() as u64).to_be_bytes());
+                ctx.update(part.as_bytes());
+            }
+        };
+        let mut stmt = self
+            .conn
+            .prepare("SELECT version, COALESCE(package, ''), record_types FROM schema_versions ORDER BY version")
+            .map_err(StoreError::sql("digesting"))?;
+        let mut rows = stmt.query([]).map_err(StoreError::sql("digesting"))?;
+        while let Some(r) = rows.next().map_err(StoreError::sql("digesting"))? {
+            let v: i64 = r.get(0).map_err(StoreError::sql("digesting"))?;
+            let p: String = r.get(1).map_err(StoreError::sql("digesting"))?;
+            let t: String = r.get(2).map_err(StoreError::sql("digesting"))?;
+            feed(&["schema", &v.to_string(), &p, &t]);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, id_tag, active FROM peers ORDER BY name")
+            .map_err(StoreError::sql("digesting"))?;
+        let mut rows = stmt.query([]).map_err(StoreError::sql("digesting"))?;
+        while let Some(r) = rows.next().map_err(StoreError::sql("digesting"))? {
+            let n: String = r.get(0).map_err(StoreError::sql("digesting"))?;
+            let t: String = r.get(1).map_err(StoreError::sql("digesting"))?;
+            let a: bool = r.get(2).map_err(StoreError::sql("digesting"))?;
+            feed(&["member", &n, &t, if a { "1" } else { "0" }]);
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version FROM items ORDER BY kind, id")
+            .map_err(StoreError::sql("digesting"))?;
+        let mut rows = stmt.query([]).map_err(StoreError::sql("digesting"))?;
+        let mut count = 0u64;
+        while let Some(r) = rows.next().map_err(StoreError::sql("digesting"))? {
+            let t = row_text(r).map_err(StoreError::sql("digesting"))?;
+            if t.6 == 0 {
+                count += 1;
+            }
+            feed(&[
+                "item",
+                &t.0,
+                &t.1,
+                &t.2,
+                &t.3,
+                &t.4,
+                &t.5.to_string(),
+                &t.6.to_string(),
+                t.7.as_deref().unwrap_or(""),
+                &t.8.to_string(),
+            ]);
+        }
+        let digest = ctx.finish();
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Ok((hex, count))
+    }
+}
+
+type ItemRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    i64,
+    Option<String>,
+    u64,
+);
+
+fn row_text(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn item_from_row(t: ItemRow) -> Result<ItemState> {
+    let kind = match t.0.as_str() {
+        "record" => ItemKind::Record,
+        "workspace" => ItemKind::WorkspaceItem,
+        "user" => ItemKind::User,
+        other => return Err(StoreError::Corrupt(format!("unknown item kind {other}"))),
+    };
+    Ok(ItemState {
+        kind,
+        id: t.1,
+        item_type: t.2,
+        fields: from_json(&t.3, "item fields")?,
+        master: t.4,
+        version: t.5,
+        deleted: t.6 != 0,
+        owner: t.7,
+        schema_version: t.8,
+    })
+}
+
+fn get_item(conn: &Connection, kind: ItemKind, id: &str) -> Result<Option<ItemState>> {
+    let row = conn
+        .query_row(
+            "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version FROM items WHERE kind = ?1 AND id = ?2",
+            params![kind_key(kind), id],
+            row_text,
+        )
+        .optional()
+        .map_err(StoreError::sql("reading an item"))?;
+    row.map(item_from_row).transpose()
+}
+
+fn epoch_of(conn: &Connection, origin: &str) -> Result<u64> {
+    conn.query_row("SELECT seq FROM epochs WHERE origin = ?1", [origin], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map(|v| v.unwrap_or(0))
+    .map_err(StoreError::sql("reading an epoch"))
+}
+
+fn set_epoch(conn: &Connection, origin: &str, seq: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO epochs (origin, seq) VALUES (?1, ?2) ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq",
+        params![origin, seq],
+    )
+    .map(|_| ())
+    .map_err(StoreError::sql("writing an epoch"))
+}
+
+/// Appends `change` to the change log and applies it.
+fn log_and_apply(tx: &Connection, change: &Change) -> Result<()> {
+    let body = to_json(change)?;
+    tx.prepare_cached("INSERT INTO changes (origin, seq, body) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute(params![change.origin, change.seq, body]))
+        .map_err(StoreError::sql("appending to the change log"))?;
+    match &change.op {
+        Operation::PutItem { item, .. } => {
+            let fields = to_json(&item.fields)?;
+            tx.prepare_cached(
+                "INSERT INTO items (kind, id, item_type, fields, master, version, deleted, owner, schema_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(kind, id) DO UPDATE SET item_type = excluded.item_type, fields = excluded.fields,
+                   master = excluded.master, version = excluded.version, deleted = excluded.deleted,
+                   owner = excluded.owner, schema_version = excluded.schema_version
+                 WHERE excluded.version > items.version",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    kind_key(item.kind),
+                    item.id,
+                    item.item_type,
+                    fields,
+                    item.master,
+                    item.version,
+                    item.deleted,
+                    item.owner,
+                    item.schema_version
+                ])
+            })
+            .map_err(StoreError::sql("writing an item"))?;
+            let state = to_json(item)?;
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO history (kind, id, version, origin, seq, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    kind_key(item.kind),
+                    item.id,
+                    item.version,
+                    change.origin,
+                    change.seq,
+                    state
+                ])
+            })
+            .map_err(StoreError::sql("writing history"))?;
+        }
+        Operation::AddSchemaVersion { schema } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO schema_versions (version, package, record_types) VALUES (?1, ?2, ?3)",
+                params![schema.version, schema.package, to_json(&schema.record_types)?],
+            )
+            .map_err(StoreError::sql("adding a schema version"))?;
+        }
+        Operation::Membership { membership } => {
+            tx.execute(
+                "INSERT INTO peers (name, id_tag, active) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET id_tag = excluded.id_tag, active = excluded.active",
+                params![membership.replica, membership.id_tag, membership.active],
+            )
+            .map_err(StoreError::sql("recording a member"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops change-log entries every other active member has acknowledged.
+fn trim(tx: &Connection, me: &str) -> Result<()> {
+    let mut stmt = tx
+        .prepare("SELECT name FROM peers WHERE active = 1 AND name != ?1")
+        .map_err(StoreError::sql("trimming"))?;
+    let others: Vec<String> = stmt
+        .query_map([me], |r| r.get(0))
+        .map_err(StoreError::sql("trimming"))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(StoreError::sql("trimming"))?;
+    if others.is_empty() {
+        // Alone in the family: keep the log for a replica that may join.
+        return Ok(());
+    }
+    let mut stmt = tx
+        .prepare("SELECT origin FROM epochs")
+        .map_err(StoreError::sql("trimming"))?;
+    let origins: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(StoreError::sql("trimming"))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(StoreError::sql("trimming"))?;
+    for origin in origins {
+        let mut floor = u64::MAX;
+        for peer in &others {
+            let seq: u64 = tx
+                .query_row(
+                    "SELECT seq FROM peer_epochs WHERE peer = ?1 AND origin = ?2",
+                    params![peer, origin],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(StoreError::sql("trimming"))?
+                .unwrap_or(0);
+            floor = floor.min(seq);
+        }
+        if floor > 0 {
+            tx.execute(
+                "DELETE FROM changes WHERE origin = ?1 AND seq <= ?2",
+                params![origin, floor],
+            )
+            .map_err(StoreError::sql("trimming"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a field value of a declared type from text.
+pub fn parse_typed(field_type: &str, name: &str, text: &str) -> Result<FieldValue> {
+    let bad = |what: &str| StoreError::Invalid(format!("field {name}: {text:?} is not {what}"));
+    Ok(match field_type {
+        "String" => FieldValue::String(text.to_string()),
+        "Integer" => FieldValue::Integer(text.parse().map_err(|_| bad("an integer"))?),
+        "Boolean" => FieldValue::Boolean(text.parse().map_err(|_| bad("true or false"))?),
+        "Timestamp" => {
+            text.parse::<k8s_openapi::jiff::Timestamp>()
+                .map_err(|_| bad("an RFC 3339 timestamp"))?;
+            FieldValue::Timestamp(text.to_string())
+        }
+        "Reference" => FieldValue::Reference(text.to_string()),
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "field {name} has unknown type {other}"
+            )));
+        }
+    })
+}

@@ -1,0 +1,372 @@
+//! Storage tests: three replicas exchanging changes directly (no HTTP, no packets).
+
+use super::builtin_record_types;
+use super::store::*;
+use crate::packet::change::{FieldValue, ItemKind};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "multisite-store-{}-{}-{}",
+            name,
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn init(dir: &TempDir, replica: &str) -> Store {
+    Store::init(
+        &dir.0,
+        &InitParams {
+            family: "sampl".into(),
+            replica: replica.into(),
+            id_prefix: "SAMPL".into(),
+            feature_level: 7,
+            metaschema: 22,
+            record_types: builtin_record_types(),
+        },
+    )
+    .unwrap()
+}
+
+fn s(text: &str) -> FieldValue {
+    FieldValue::String(text.into())
+}
+
+fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, FieldValue> {
+    pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect()
+}
+
+/// Sends from `a` to `b` what `b` lacks, and records `b`'s acknowledgement.
+fn push(a: &mut Store, b: &mut Store) -> ImportOutcome {
+    let peer = b.identity().replica.clone();
+    let changes = a.changes_for(&peer).unwrap();
+    let outcome = b.import(&changes).unwrap();
+    let inc = b.identity().incarnation;
+    a.record_acknowledgement(&peer, inc, &b.epochs().unwrap())
+        .unwrap();
+    outcome
+}
+
+/// A three-replica family: paris and austin are cloned from tokyo.
+fn family(dirs: &[TempDir; 3]) -> Vec<Store> {
+    let mut a = init(&dirs[0], "tokyo");
+    let mut b = clone_of(&mut a, &dirs[1], "paris");
+    let mut c = clone_of(&mut a, &dirs[2], "austin");
+    // paris learns that austin joined; everybody then holds the same changes.
+    push(&mut a, &mut b);
+    push(&mut a, &mut c);
+    vec![a, b, c]
+}
+
+fn clone_of(source: &mut Store, dir: &TempDir, name: &str) -> Store {
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let tag = source
+        .snapshot_for_clone(name, &dir.0.join(DB_FILE))
+        .unwrap();
+    let from = source.identity().replica.clone();
+    Store::adopt_clone(&dir.0, name, &tag, &from).unwrap()
+}
+
+#[test]
+fn a_clone_gets_its_own_tag_and_the_source_knows_what_it_holds() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let digests: Vec<String> = stores.iter().map(|s| s.digest().unwrap().0).collect();
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "clones start equal"
+    );
+    assert_eq!(stores[1].identity().id_tag, "B");
+    assert_eq!(stores[2].identity().id_tag, "C");
+    let r = stores[1]
+        .create_item(ItemKind::Record, "Defect", fields(&[]), None)
+        .unwrap();
+    assert_eq!(r.id, "SAMPL00001B");
+    assert!(stores[0].changes_for("paris").unwrap().is_empty());
+    let err = stores[0]
+        .snapshot_for_clone("paris", &dirs[1].0.join("again.db"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already a member"), "{err}");
+}
+
+#[test]
+fn ids_are_short_and_never_collide_across_tags() {
+    assert_eq!(child_id_tag("", 0), "B");
+    assert_eq!(child_id_tag("", 24), "Z");
+    assert_eq!(child_id_tag("", 25), "AB");
+    assert_eq!(child_id_tag("B", 0), "BB");
+    let mut seen = std::collections::HashSet::new();
+    // Three generations of 60 children each: all distinct, none ends in A.
+    let mut frontier = vec![String::new()];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for parent in frontier.iter().take(5) {
+            for i in 0..60 {
+                let tag = child_id_tag(parent, i);
+                assert!(!tag.ends_with('A'));
+                assert!(seen.insert(tag.clone()), "duplicate tag {tag}");
+                next.push(tag);
+            }
+        }
+        frontier = next;
+    }
+}
+
+#[test]
+fn local_changes_and_their_log_entries_commit_together() {
+    let dir = TempDir::new("local");
+    let mut a = init(&dir, "tokyo");
+    let rec = a
+        .create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("headline", "crash"), ("state", "open")]),
+            None,
+        )
+        .unwrap();
+    assert_eq!(rec.id, "SAMPL00001");
+    assert_eq!(rec.master, "tokyo");
+    let rec2 = a
+        .create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("headline", "slow")]),
+            None,
+        )
+        .unwrap();
+    assert_eq!(rec2.id, "SAMPL00002");
+    let before = a.epochs().unwrap()["tokyo"];
+    let updated = a
+        .update_item(
+            ItemKind::Record,
+            &rec.id,
+            [("state".to_string(), Some(s("closed")))].into(),
+        )
+        .unwrap();
+    assert_eq!(updated.version, 2);
+    assert_eq!(a.epochs().unwrap()["tokyo"], before + 1);
+    let history = a.history(ItemKind::Record, &rec.id).unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].state.fields["state"], s("closed"));
+    let open = a
+        .query(
+            ItemKind::Record,
+            Some("Defect"),
+            &[("state".into(), s("closed"))],
+        )
+        .unwrap();
+    assert_eq!(
+        open.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["SAMPL00001"]
+    );
+    let err = a
+        .create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("colour", "red")]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no field \"colour\""), "{err}");
+    let err = a
+        .create_item(ItemKind::Record, "Bug", fields(&[]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Defect"), "{err}");
+    // Reopening sees the same state.
+    drop(a);
+    let a = Store::open(&dir.0).unwrap();
+    assert_eq!(
+        a.get_item(ItemKind::Record, &rec.id)
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
+
+#[test]
+fn three_replicas_converge_and_only_masters_change_items() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let (left, right) = stores.split_at_mut(1);
+    let a = &mut left[0];
+    let (mid, last) = right.split_at_mut(1);
+    let b = &mut mid[0];
+    let c = &mut last[0];
+    let r1 = a
+        .create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("headline", "one")]),
+            None,
+        )
+        .unwrap();
+    push(a, b);
+    push(a, c);
+    // A remote master refuses, naming the master.
+    let err = b
+        .update_item(
+            ItemKind::Record,
+            &r1.id,
+            [("state".to_string(), Some(s("x")))].into(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mastered at replica tokyo"), "{err}");
+    // Move mastership to paris: tokyo refuses at once, paris only after importing.
+    a.move_mastership(ItemKind::Record, &r1.id, "paris")
+        .unwrap();
+    assert!(
+        a.update_item(ItemKind::Record, &r1.id, BTreeMap::new())
+            .is_err()
+    );
+    assert!(
+        b.update_item(ItemKind::Record, &r1.id, BTreeMap::new())
+            .is_err()
+    );
+    push(a, b);
+    b.update_item(
+        ItemKind::Record,
+        &r1.id,
+        [("state".to_string(), Some(s("fixed")))].into(),
+    )
+    .unwrap();
+    // c hears of it through b only: b forwards tokyo's move before its own change.
+    c.create_item(
+        ItemKind::Record,
+        "Defect",
+        fields(&[("headline", "from austin")]),
+        None,
+    )
+    .unwrap();
+    push(b, c);
+    push(c, a);
+    push(c, b);
+    push(a, b);
+    push(b, a);
+    let digests: Vec<String> = [&*a, &*b, &*c]
+        .iter()
+        .map(|s| s.digest().unwrap().0)
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[1], digests[2]);
+    let at_c = c.get_item(ItemKind::Record, &r1.id).unwrap().unwrap();
+    assert_eq!(at_c.master, "paris");
+    assert_eq!(at_c.fields["state"], s("fixed"));
+}
+
+#[test]
+fn imports_are_idempotent_and_gaps_are_held() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let (left, right) = stores.split_at_mut(1);
+    let a = &mut left[0];
+    let b = &mut right[0];
+    for i in 0..5 {
+        a.create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("headline", &format!("r{i}"))]),
+            None,
+        )
+        .unwrap();
+    }
+    let changes = a.changes_for("paris").unwrap();
+    assert_eq!(changes.len(), 5);
+    // The last three first: a gap, nothing applied.
+    let outcome = b.import(&changes[2..]).unwrap();
+    assert_eq!(outcome.applied, 0);
+    assert!(
+        outcome.blocked.as_deref().unwrap_or("").contains("gap"),
+        "{outcome:?}"
+    );
+    // The first two, then all five again: each change applied exactly once.
+    assert_eq!(b.import(&changes[..2]).unwrap().applied, 2);
+    let again = b.import(&changes).unwrap();
+    assert_eq!(
+        (again.applied, again.skipped, again.blocked.clone()),
+        (3, 2, None)
+    );
+    assert_eq!(b.import(&changes).unwrap().skipped, 5);
+    assert_eq!(b.query(ItemKind::Record, None, &[]).unwrap().len(), 5);
+}
+
+#[test]
+fn the_log_is_trimmed_only_past_what_every_peer_acknowledged() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let (left, right) = stores.split_at_mut(1);
+    let a = &mut left[0];
+    let (mid, last) = right.split_at_mut(1);
+    let b = &mut mid[0];
+    let c = &mut last[0];
+    for _ in 0..3 {
+        a.create_item(ItemKind::Record, "Defect", fields(&[]), None)
+            .unwrap();
+    }
+    let full = a.change_log_len().unwrap();
+    push(a, b);
+    assert_eq!(
+        a.change_log_len().unwrap(),
+        full,
+        "austin has not acknowledged yet"
+    );
+    // An acknowledgement that goes backwards (a restored peer) makes the sender resend.
+    push(a, c);
+    assert!(a.change_log_len().unwrap() < full);
+    assert!(a.changes_for("paris").unwrap().is_empty());
+    let _ = c;
+}
+
+#[test]
+fn a_change_needing_a_newer_schema_is_held_until_the_upgrade() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let (left, right) = stores.split_at_mut(1);
+    let a = &mut left[0];
+    let b = &mut right[0];
+    let mut types = builtin_record_types();
+    types.push(crate::packet::change::RecordTypeDef {
+        name: "ChangeEvent".into(),
+        fields: vec![crate::packet::change::FieldDef {
+            name: "record".into(),
+            field_type: "String".into(),
+        }],
+    });
+    a.add_schema_version(Some("Interop 1.0".into()), types)
+        .unwrap();
+    a.upgrade_user_database_schema(2).unwrap();
+    a.create_item(
+        ItemKind::Record,
+        "ChangeEvent",
+        fields(&[("record", "SAMPL00001")]),
+        None,
+    )
+    .unwrap();
+    let changes = a.changes_for("paris").unwrap();
+    let outcome = b.import(&changes).unwrap();
+    assert_eq!(outcome.applied, 1, "the schema version itself imports");
+    assert!(outcome.blocked.unwrap().contains("schema version 2"));
+    b.upgrade_user_database_schema(2).unwrap();
+    let outcome = b.import(&changes).unwrap();
+    assert_eq!((outcome.applied, outcome.skipped), (1, 1));
+}
