@@ -69,6 +69,29 @@ enum Command {
         #[command(flatten)]
         access: Access,
     },
+    /// Measure the replica's sync path: import throughput against plain SQLite,
+    /// incremental sync cost in a small and a large database, packet bytes per
+    /// change. Prints figures; build with --release for meaningful numbers.
+    Bench {
+        /// Scratch directory (its contents are removed).
+        #[arg(long, value_name = "DIR", default_value = "target/bench")]
+        dir: PathBuf,
+        /// Changes in the import throughput run.
+        #[arg(long, default_value_t = 100_000)]
+        import_changes: u64,
+        /// Records in the small database.
+        #[arg(long, default_value_t = 1_000)]
+        small_records: u64,
+        /// Records in the large database.
+        #[arg(long, default_value_t = 1_000_000)]
+        large_records: u64,
+        /// Changes per incremental sync.
+        #[arg(long, default_value_t = 100)]
+        incremental: u64,
+        /// Incremental syncs measured (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Print the CustomResourceDefinitions of the product (or write them, one file each).
     Crd {
         /// Write one file per CRD into this directory instead of printing a YAML stream.
@@ -338,6 +361,27 @@ const EXIT_REFUSED: u8 = 3;
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Replica { command } => replica_command(command),
+        Command::Bench {
+            dir,
+            import_changes,
+            small_records,
+            large_records,
+            incremental,
+            rounds,
+        } => {
+            print!(
+                "{}",
+                multisite::cmd::bench::run(&multisite::cmd::bench::BenchArgs {
+                    dir,
+                    import_changes,
+                    small_records,
+                    large_records,
+                    incremental,
+                    rounds,
+                })?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Records { command } => runtime()?.block_on(records_command(command)),
         Command::Mastership { command } => runtime()?.block_on(mastership_command(command)),
         Command::Sync { command } => runtime()?.block_on(sync_command(command)),

@@ -1,6 +1,7 @@
 //! What the command line runs: each function reads its inputs, calls the layers
 //! below, and renders the result. `main.rs` only parses arguments.
 
+pub mod bench;
 pub mod crd;
 pub mod plan;
 pub mod replica;

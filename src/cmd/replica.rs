@@ -178,12 +178,16 @@ pub async fn clone(
         })
         .with_context(|| format!("the copy from {from} does not register {replica}"))?
     };
+    let adopted = Store::adopt_clone(&tmp, replica, &tag, &source.replica)?;
+    adopted.checkpoint()?;
+    let family = adopted.identity().family.clone();
+    drop(adopted);
+    // Only a fully adopted copy becomes the replica; the WAL is checkpointed on close.
     std::fs::rename(&tmp, data.join(DB_FILE))?;
-    let store = Store::adopt_clone(data, replica, &tag, &source.replica)?;
     Ok(format!(
         "created replica {} of family {} from {} in {} ({} bytes copied; ids end in {})\n",
         replica,
-        store.identity().family,
+        family,
         source.replica,
         data.display(),
         bytes.len(),
@@ -206,7 +210,13 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
     let replica = server::Replica::new(store, compat, secret);
-    let app = server::router(replica);
+    // Packets held before a restart may be importable now (an upgrade finished just
+    // before the process stopped).
+    let released = replica.retry_held_now().await?;
+    if released > 0 {
+        tracing::info!(released, "held packets imported at start");
+    }
+    let app = server::router(replica.clone());
     // The first line on stdout says where the server listens (tests and scripts read it).
     println!(
         "replica {} of family {} listening on http://{address}",

@@ -102,7 +102,9 @@ pub struct Membership {
 
 /// What a change does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+// Externally tagged (`{"putItem": {...}}`): decoding needs no buffering, which
+// keeps import fast.
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum Operation {
     /// A record, workspace item or user takes this state.
     PutItem {

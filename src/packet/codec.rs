@@ -13,7 +13,7 @@
 
 use crate::packet::change::Change;
 use ring::{digest, hmac};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The first four bytes of every packet.
@@ -78,6 +78,9 @@ pub struct Packet {
     pub ranges: Vec<OriginRange>,
     /// In the sender's log order.
     pub changes: Vec<Change>,
+    /// Each change's JSON text as it arrived, so the receiver can log it without
+    /// writing it out again.
+    pub texts: Vec<String>,
 }
 
 /// The family's shared secret, keying the MAC of every packet.
@@ -388,15 +391,27 @@ pub fn decode(bytes: &[u8], secret: &FamilySecret, limits: &Limits) -> Result<Pa
             reason: format!("it decompresses to {} bytes", json.len()),
         });
     }
-    let changes: Vec<Change> = serde_json::from_slice(&json).map_err(|e| PacketError::BadBody {
-        reason: e.to_string(),
-    })?;
+    let raw: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(&json).map_err(|e| PacketError::BadBody {
+            reason: e.to_string(),
+        })?;
+    let mut changes = Vec::with_capacity(raw.len());
+    let mut texts = Vec::with_capacity(raw.len());
+    for (i, text) in raw.iter().enumerate() {
+        let change: Change =
+            serde_json::from_str(text.get()).map_err(|e| PacketError::BadBody {
+                reason: format!("change {i}: {e}"),
+            })?;
+        changes.push(change);
+        texts.push(text.get().to_string());
+    }
     check_changes(&frame.ranges, &changes)?;
 
     Ok(Packet {
         header: frame.header,
         ranges: frame.ranges,
         changes,
+        texts,
     })
 }
 
@@ -491,7 +506,7 @@ fn parse_frame(content: &[u8]) -> Result<Frame<'_>, PacketError> {
 
     let count = usize::from(reader.u16(PacketField::RangeCount)?);
     let mut ranges: Vec<OriginRange> = Vec::with_capacity(count);
-    let mut seen = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     for i in 0..count {
         let offset = reader.pos;
         let range = OriginRange {
@@ -500,7 +515,7 @@ fn parse_frame(content: &[u8]) -> Result<Frame<'_>, PacketError> {
             last: reader.u64(PacketField::RangeLast(i))?,
         };
         check_range(&range)?;
-        if seen.insert(range.origin.clone(), ()).is_some() {
+        if !seen.insert(range.origin.clone()) {
             return Err(PacketError::DuplicateOrigin {
                 origin: range.origin,
                 offset,

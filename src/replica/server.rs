@@ -32,7 +32,8 @@ pub struct Replica {
 pub type Shared = Arc<Replica>;
 
 /// An error answer: status and a message a person can act on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
@@ -299,14 +300,17 @@ impl Replica {
             released: 0,
         };
         if let Some(reason) = self.refuse_version(pair, version) {
+            drop_superseded_held(store, &h.sender, &packet.ranges)?;
             store.hold_packet(&h.sender, version, &reason, bytes)?;
             tracing::info!(sender = %h.sender, version, %reason, "packet held");
             report.held = Some(reason);
         } else {
-            let outcome: ImportOutcome = store.import(&packet.changes)?;
+            let outcome: ImportOutcome =
+                store.import_texts(&packet.changes, Some(&packet.texts))?;
             report.applied = outcome.applied;
             report.skipped = outcome.skipped;
             if let Some(reason) = outcome.blocked {
+                drop_superseded_held(store, &h.sender, &packet.ranges)?;
                 store.hold_packet(&h.sender, version, &reason, bytes)?;
                 tracing::info!(sender = %h.sender, %reason, "packet held");
                 report.held = Some(reason);
@@ -336,7 +340,7 @@ impl Replica {
                         continue;
                     }
                 };
-                let outcome = store.import(&packet.changes)?;
+                let outcome = store.import_texts(&packet.changes, Some(&packet.texts))?;
                 if outcome.applied > 0 {
                     progress = true;
                 }
@@ -354,6 +358,12 @@ impl Replica {
                 return Ok(released);
             }
         }
+    }
+
+    /// Imports the held packets that can be imported now; returns how many.
+    pub async fn retry_held_now(self: &Arc<Self>) -> ApiResult<usize> {
+        self.with_store(|store, replica| replica.retry_held(store))
+            .await
     }
 
     /// Pushes to the replica at `peer_url` everything it lacks, packet by packet.
@@ -384,6 +394,7 @@ impl Replica {
             let prepared = self
                 .with_store(move |store, replica| {
                     store.record_acknowledgement(&peer_name, peer_inc, &peer_epochs)?;
+                    store.confirm_member(&peer_name)?;
                     let pair = Self::pair(store)?;
                     if let Some(blocked) = replica.sync_blocked(pair) {
                         return Err(ApiError::new(
@@ -456,6 +467,38 @@ impl Replica {
         }
         Ok(report)
     }
+}
+
+/// Forgets packets held from `sender` whose every change is either held already
+/// or carried again by the packet about to be held (a sender re-sends what it has
+/// no acknowledgement for, so held packets would otherwise pile up).
+fn drop_superseded_held(
+    store: &mut Store,
+    sender: &str,
+    newer: &[codec::OriginRange],
+) -> ApiResult<()> {
+    let epochs = store.epochs()?;
+    for held in store.held_packets()? {
+        if held.sender != sender {
+            continue;
+        }
+        let Ok((_, ranges)) = codec::peek_header(&held.bytes) else {
+            continue;
+        };
+        let covered = ranges.iter().all(|old| {
+            let first_missing = old
+                .first
+                .max(epochs.get(&old.origin).copied().unwrap_or(0) + 1);
+            first_missing > old.last
+                || newer.iter().any(|n| {
+                    n.origin == old.origin && n.first <= first_missing && old.last <= n.last
+                })
+        });
+        if covered {
+            store.release_held(held.id)?;
+        }
+    }
+    Ok(())
 }
 
 /// Changes `mine` holds that `theirs` lacks.

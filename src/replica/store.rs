@@ -99,6 +99,10 @@ pub struct Peer {
     pub incarnation: u64,
     /// What the peer reported it committed, per origin.
     pub acknowledged: BTreeMap<String, u64>,
+    /// A replica cloned from this one that has not answered for itself yet; its
+    /// clone can be made again under the same name.
+    #[serde(default)]
+    pub pending_clone: bool,
 }
 
 /// A packet kept until it can be imported.
@@ -152,16 +156,17 @@ CREATE TABLE items (
     kind TEXT NOT NULL, id TEXT NOT NULL, item_type TEXT NOT NULL, fields TEXT NOT NULL,
     master TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL,
     owner TEXT, schema_version INTEGER NOT NULL,
+    origin TEXT NOT NULL, seq INTEGER NOT NULL, forced_from TEXT,
     PRIMARY KEY (kind, id)) WITHOUT ROWID;
-CREATE INDEX items_by_type ON items (kind, item_type);
-CREATE INDEX items_by_master ON items (master);
 CREATE TABLE history (
-    kind TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
-    origin TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
+    kind TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, item_type TEXT NOT NULL,
+    fields TEXT NOT NULL, master TEXT NOT NULL, deleted INTEGER NOT NULL, owner TEXT,
+    schema_version INTEGER NOT NULL, origin TEXT NOT NULL, seq INTEGER NOT NULL, forced_from TEXT,
     PRIMARY KEY (kind, id, version)) WITHOUT ROWID;
 CREATE TABLE changes (
-    pos INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, seq INTEGER NOT NULL,
-    body TEXT NOT NULL, UNIQUE (origin, seq));
+    origin TEXT NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL,
+    body TEXT, kind TEXT, id TEXT, version INTEGER,
+    PRIMARY KEY (origin, seq)) WITHOUT ROWID;
 CREATE TABLE epochs (origin TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE peers (
     name TEXT PRIMARY KEY, id_tag TEXT NOT NULL, active INTEGER NOT NULL,
@@ -219,6 +224,16 @@ fn meta_number<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> 
         .map_err(|_| StoreError::Corrupt(format!("meta key {key} is not a number")))
 }
 
+/// The number inside a record id (`SAMPL00042B` -> 42); 0 when it has none.
+fn record_number(prefix: &str, id: &str) -> u64 {
+    id.strip_prefix(prefix)
+        .map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
 /// The i-th child tag of `parent`: segments of `A`* then one letter B..Z, so
 /// every tag splits into its ancestors' segments one way only and no two
 /// replicas get the same tag.
@@ -240,7 +255,7 @@ fn connect(path: &Path, sync_full: bool) -> Result<Connection> {
         .map_err(StoreError::sql("setting the busy timeout"))?;
     let sync = if sync_full { "FULL" } else { "NORMAL" };
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;"
     ))
     .map_err(StoreError::sql("setting pragmas"))?;
     Ok(conn)
@@ -279,6 +294,10 @@ impl Store {
             ("user_database_schema_version", 1),
             ("next_record_number", 1),
             ("next_child_tag", 0),
+            ("next_log_position", 1),
+            ("mastered_record", 0),
+            ("mastered_workspace", 0),
+            ("mastered_user", 0),
         ] {
             set_meta(&tx, key, &value.to_string())?;
         }
@@ -372,6 +391,7 @@ impl Store {
         let me = self.identity.replica.clone();
         let tx = self.transaction("starting a local change")?;
         let mut seq = epoch_of(&tx, &me)?;
+        let mut apply = Apply::start(&tx, &me)?;
         let mut changes = Vec::with_capacity(ops.len());
         for op in ops {
             seq += 1;
@@ -380,10 +400,11 @@ impl Store {
                 seq,
                 op,
             };
-            log_and_apply(&tx, &change)?;
+            apply.change(&tx, &change, None)?;
             changes.push(change);
         }
         set_epoch(&tx, &me, seq)?;
+        apply.finish(&tx)?;
         tx.commit()
             .map_err(StoreError::sql("committing a local change"))?;
         Ok(changes)
@@ -720,30 +741,34 @@ impl Store {
         Ok(out)
     }
 
-    /// Every state an item has had at this replica, oldest first.
+    /// Every state an item has had at this replica, oldest first: the states it
+    /// replaced, then the current one.
     pub fn history(&self, kind: ItemKind, id: &str) -> Result<Vec<HistoryEntry>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT version, origin, seq, state FROM history WHERE kind = ?1 AND id = ?2 ORDER BY version")
+            .prepare(
+                "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq
+                 FROM history WHERE kind = ?1 AND id = ?2
+                 UNION ALL
+                 SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq
+                 FROM items WHERE kind = ?1 AND id = ?2
+                 ORDER BY version",
+            )
             .map_err(StoreError::sql("preparing history"))?;
         let rows = stmt
             .query_map(params![kind_key(kind), id], |r| {
-                Ok((
-                    r.get::<_, u64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, u64>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
+                Ok((row_text(r)?, r.get::<_, String>(9)?, r.get::<_, u64>(10)?))
             })
             .map_err(StoreError::sql("reading history"))?;
         let mut out = Vec::new();
         for row in rows {
-            let (version, origin, seq, state) = row.map_err(StoreError::sql("reading history"))?;
+            let (text, origin, seq) = row.map_err(StoreError::sql("reading history"))?;
+            let state = item_from_row(text)?;
             out.push(HistoryEntry {
-                version,
+                version: state.version,
                 origin,
                 seq,
-                state: from_json(&state, "history state")?,
+                state,
             });
         }
         Ok(out)
@@ -766,7 +791,11 @@ impl Store {
     pub fn peers(&self) -> Result<Vec<Peer>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, id_tag, active, incarnation FROM peers ORDER BY name")
+            .prepare(
+                "SELECT name, id_tag, active, incarnation,
+                   EXISTS (SELECT 1 FROM meta WHERE key = 'pending_clone:' || name)
+                 FROM peers ORDER BY name",
+            )
             .map_err(StoreError::sql("reading peers"))?;
         let rows = stmt
             .query_map([], |r| {
@@ -776,6 +805,7 @@ impl Store {
                     active: r.get(2)?,
                     incarnation: r.get(3)?,
                     acknowledged: BTreeMap::new(),
+                    pending_clone: r.get(4)?,
                 })
             })
             .map_err(StoreError::sql("reading peers"))?;
@@ -807,7 +837,7 @@ impl Store {
     /// past what the peer holds (it must then be re-created from a live replica).
     pub fn changes_for(&self, peer: &str) -> Result<Vec<Change>> {
         let acked = self.acknowledged(peer)?;
-        let mut picked: Vec<(i64, String)> = Vec::new();
+        let mut picked: Vec<(i64, String, u64, LogBody)> = Vec::new();
         for (origin, held) in self.epochs()? {
             let from = acked.get(&origin).copied().unwrap_or(0);
             if held <= from {
@@ -829,25 +859,76 @@ impl Store {
             let mut stmt = self
                 .conn
                 .prepare_cached(
-                    "SELECT pos, body FROM changes WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                    "SELECT pos, seq, body, kind, id, version FROM changes WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 )
                 .map_err(StoreError::sql("reading the change log"))?;
             let rows = stmt
                 .query_map(params![origin, from, MAX_CHANGES_PER_PACKET as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    let body = match r.get::<_, Option<String>>(2)? {
+                        Some(text) => LogBody::Text(text),
+                        None => LogBody::Item(r.get(3)?, r.get(4)?, r.get(5)?),
+                    };
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        origin.clone(),
+                        r.get::<_, u64>(1)?,
+                        body,
+                    ))
                 })
                 .map_err(StoreError::sql("reading the change log"))?;
             for row in rows {
                 picked.push(row.map_err(StoreError::sql("reading the change log"))?);
             }
         }
-        picked.sort_by_key(|(pos, _)| *pos);
+        picked.sort_by_key(|(pos, ..)| *pos);
         // Keep a log-order prefix so that every origin's run stays contiguous.
         picked.truncate(MAX_CHANGES_PER_PACKET);
         picked
-            .iter()
-            .map(|(_, body)| from_json(body, "a change"))
+            .into_iter()
+            .map(|(_, origin, seq, body)| match body {
+                LogBody::Text(text) => from_json(&text, "a change"),
+                LogBody::Item(kind, id, version) => {
+                    self.item_change(origin, seq, &kind, &id, version)
+                }
+            })
             .collect()
+    }
+
+    /// Rebuilds an item change from the state it produced (in the items table or
+    /// the history).
+    fn item_change(
+        &self,
+        origin: String,
+        seq: u64,
+        kind: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Change> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, forced_from
+                 FROM items WHERE kind = ?1 AND id = ?2 AND version = ?3
+                 UNION ALL
+                 SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, forced_from
+                 FROM history WHERE kind = ?1 AND id = ?2 AND version = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![kind, id, version], |r| Ok((row_text(r)?, r.get::<_, Option<String>>(9)?)))
+                    .optional()
+            })
+            .map_err(StoreError::sql("reading the change log"))?;
+        let (text, forced_from) = row.ok_or_else(|| {
+            StoreError::Corrupt(format!("change {seq} of {origin} refers to {kind} {id} version {version}, which is not stored"))
+        })?;
+        Ok(Change {
+            origin,
+            seq,
+            op: Operation::PutItem {
+                item: item_from_row(text)?,
+                forced_from,
+            },
+        })
     }
 
     /// Records what `peer` reported it committed; trims the change log of what
@@ -891,11 +972,30 @@ impl Store {
     /// change that would leave a gap or needs a schema version the user database
     /// lacks, and says why (the caller then holds the packet).
     pub fn import(&mut self, changes: &[Change]) -> Result<ImportOutcome> {
+        self.import_texts(changes, None)
+    }
+
+    /// [`Store::import`], given each change's JSON text as received (`texts[i]` is
+    /// `changes[i]`), which the change log then keeps as it is.
+    pub fn import_texts(
+        &mut self,
+        changes: &[Change],
+        texts: Option<&[String]>,
+    ) -> Result<ImportOutcome> {
+        if texts.is_some_and(|t| t.len() != changes.len()) {
+            return Err(StoreError::Invalid(
+                "each change needs its text".to_string(),
+            ));
+        }
         let udb_schema: u64 = meta_number(&self.conn, "user_database_schema_version")?;
+        let prefix = self.identity.id_prefix.clone();
+        let me = self.identity.replica.clone();
         let tx = self.transaction("starting an import")?;
+        let mut highest_number = 0;
+        let mut apply = Apply::start(&tx, &me)?;
         let mut outcome = ImportOutcome::default();
         let mut held: BTreeMap<String, u64> = BTreeMap::new();
-        for change in changes {
+        for (i, change) in changes.iter().enumerate() {
             let have = match held.get(&change.origin) {
                 Some(seq) => *seq,
                 None => epoch_of(&tx, &change.origin)?,
@@ -923,12 +1023,27 @@ impl Store {
                 ));
                 break;
             }
-            log_and_apply(&tx, change)?;
+            apply.change(
+                &tx,
+                change,
+                texts.and_then(|t| t.get(i)).map(String::as_str),
+            )?;
+            if let Operation::PutItem { item, .. } = &change.op {
+                highest_number = highest_number.max(record_number(&prefix, &item.id));
+            }
             held.insert(change.origin.clone(), change.seq);
             outcome.applied += 1;
         }
         for (origin, seq) in &held {
             set_epoch(&tx, origin, *seq)?;
+        }
+        apply.finish(&tx)?;
+        // New ids follow the highest number seen anywhere, so that records from every
+        // replica keep arriving at the end of the id order (cheap appends) while the
+        // tag keeps them unique.
+        let next: u64 = meta_number(&tx, "next_record_number")?;
+        if highest_number >= next {
+            set_meta(&tx, "next_record_number", &(highest_number + 1).to_string())?;
         }
         tx.commit()
             .map_err(StoreError::sql("committing an import"))?;
@@ -1051,22 +1166,31 @@ impl Store {
     /// `dest` (this replica stays readable and writable meanwhile), and records that
     /// the new replica holds what the copy holds. Returns the new replica's id tag.
     pub fn snapshot_for_clone(&mut self, new_replica: &str, dest: &Path) -> Result<String> {
-        if self.peers()?.iter().any(|p| p.name == new_replica) {
-            return Err(StoreError::Invalid(format!(
-                "replica {new_replica} is or was already a member of family {}; a removed replica's name is not reused",
-                self.identity.family
-            )));
-        }
-        let index: u64 = meta_number(&self.conn, "next_child_tag")?;
-        let tag = child_id_tag(&self.identity.id_tag, index);
-        set_meta(&self.conn, "next_child_tag", &(index + 1).to_string())?;
-        self.commit_local(vec![Operation::Membership {
-            membership: Membership {
-                replica: new_replica.to_string(),
-                id_tag: tag.clone(),
-                active: true,
-            },
-        }])?;
+        let pending_key = format!("pending_clone:{new_replica}");
+        let tag = match get_meta(&self.conn, &pending_key)? {
+            // A clone that failed after registering: make the copy again, same tag.
+            Some(tag) => tag,
+            None => {
+                if self.peers()?.iter().any(|p| p.name == new_replica) {
+                    return Err(StoreError::Invalid(format!(
+                        "replica {new_replica} is or was already a member of family {}; a removed replica's name is not reused",
+                        self.identity.family
+                    )));
+                }
+                let index: u64 = meta_number(&self.conn, "next_child_tag")?;
+                let tag = child_id_tag(&self.identity.id_tag, index);
+                set_meta(&self.conn, "next_child_tag", &(index + 1).to_string())?;
+                set_meta(&self.conn, &pending_key, &tag)?;
+                self.commit_local(vec![Operation::Membership {
+                    membership: Membership {
+                        replica: new_replica.to_string(),
+                        id_tag: tag.clone(),
+                        active: true,
+                    },
+                }])?;
+                tag
+            }
+        };
         let dest_text = dest
             .to_str()
             .ok_or_else(|| StoreError::Invalid(format!("{} is not UTF-8", dest.display())))?;
@@ -1086,10 +1210,23 @@ impl Store {
         Ok(tag)
     }
 
+    /// The new replica `name` answered for itself: a clone made for it can no longer
+    /// be made again under that name.
+    pub fn confirm_member(&mut self, name: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM meta WHERE key = ?1",
+                [format!("pending_clone:{name}")],
+            )
+            .map(|_| ())
+            .map_err(StoreError::sql("confirming a member"))
+    }
+
     /// Clone side: turns a copy made by [`Store::snapshot_for_clone`] of replica
-    /// `source`, placed at `dir/replica.db`, into replica `name` with id tag `tag`.
-    pub fn adopt_clone(dir: &Path, name: &str, tag: &str, source: &str) -> Result<Store> {
-        let path = dir.join(DB_FILE);
+    /// `source`, at `path`, into replica `name` with id tag `tag`. The caller moves
+    /// the file into place afterwards, so a half-adopted copy is never a replica.
+    pub fn adopt_clone(path: &Path, name: &str, tag: &str, source: &str) -> Result<Store> {
+        let path = path.to_path_buf();
         let mut conn = connect(&path, false)?;
         let tx = conn
             .transaction()
@@ -1107,6 +1244,16 @@ impl Store {
         set_meta(&tx, "next_child_tag", "0")?;
         tx.execute("DELETE FROM held_packets", [])
             .map_err(StoreError::sql("adopting the copy"))?;
+        for kind in [ItemKind::Record, ItemKind::WorkspaceItem, ItemKind::User] {
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM items WHERE kind = ?1 AND master = ?2 AND deleted = 0",
+                    params![kind_key(kind), name],
+                    |r| r.get(0),
+                )
+                .map_err(StoreError::sql("adopting the copy"))?;
+            set_meta(&tx, &mastered_key(kind), &n.to_string())?;
+        }
         // What the source holds is exactly what the copy holds; beliefs about the
         // other peers are the source's (lower bounds, so nothing is skipped).
         tx.execute("DELETE FROM peer_epochs WHERE peer = ?1", [name])
@@ -1122,19 +1269,21 @@ impl Store {
         Store::open_conn(conn, path)
     }
 
-    /// Items mastered here, by kind.
+    /// Moves the write-ahead log into the database file (after bulk work, so that
+    /// later commits do not pay for it).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .map_err(StoreError::sql("checkpointing"))
+    }
+
+    /// Items mastered here, by kind (kept up to date by every change, so reading
+    /// them costs nothing).
     pub fn mastered_counts(&self) -> Result<BTreeMap<ItemKind, u64>> {
         let mut out = BTreeMap::new();
         for kind in [ItemKind::Record, ItemKind::WorkspaceItem, ItemKind::User] {
-            let n: u64 = self
-                .conn
-                .query_row(
-                    "SELECT COUNT(*) FROM items WHERE kind = ?1 AND master = ?2 AND deleted = 0",
-                    params![kind_key(kind), self.identity.replica],
-                    |r| r.get(0),
-                )
-                .map_err(StoreError::sql("counting mastered items"))?;
-            out.insert(kind, n);
+            let n: i64 = meta_number(&self.conn, &mastered_key(kind))?;
+            out.insert(kind, u64::try_from(n).unwrap_or(0));
         }
         Ok(out)
     }
@@ -1199,6 +1348,12 @@ impl Store {
         let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Ok((hex, count))
     }
+}
+
+/// What the change log holds for a change: its text, or where its item state is.
+enum LogBody {
+    Text(String),
+    Item(String, String, u64),
 }
 
 type ItemRow = (
@@ -1277,70 +1432,163 @@ fn set_epoch(conn: &Connection, origin: &str, seq: u64) -> Result<()> {
     .map_err(StoreError::sql("writing an epoch"))
 }
 
-/// Appends `change` to the change log and applies it.
-fn log_and_apply(tx: &Connection, change: &Change) -> Result<()> {
-    let body = to_json(change)?;
-    tx.prepare_cached("INSERT INTO changes (origin, seq, body) VALUES (?1, ?2, ?3)")
-        .and_then(|mut s| s.execute(params![change.origin, change.seq, body]))
-        .map_err(StoreError::sql("appending to the change log"))?;
-    match &change.op {
-        Operation::PutItem { item, .. } => {
-            let fields = to_json(&item.fields)?;
-            tx.prepare_cached(
-                "INSERT INTO items (kind, id, item_type, fields, master, version, deleted, owner, schema_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT(kind, id) DO UPDATE SET item_type = excluded.item_type, fields = excluded.fields,
-                   master = excluded.master, version = excluded.version, deleted = excluded.deleted,
-                   owner = excluded.owner, schema_version = excluded.schema_version
-                 WHERE excluded.version > items.version",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    kind_key(item.kind),
-                    item.id,
-                    item.item_type,
-                    fields,
-                    item.master,
-                    item.version,
-                    item.deleted,
-                    item.owner,
-                    item.schema_version
-                ])
-            })
-            .map_err(StoreError::sql("writing an item"))?;
-            let state = to_json(item)?;
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO history (kind, id, version, origin, seq, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    kind_key(item.kind),
-                    item.id,
-                    item.version,
-                    change.origin,
-                    change.seq,
-                    state
-                ])
-            })
-            .map_err(StoreError::sql("writing history"))?;
+fn mastered_key(kind: ItemKind) -> String {
+    format!("mastered_{}", kind_key(kind))
+}
+
+/// Applies changes inside one transaction: log positions and the counts of items
+/// mastered here are kept in memory and written once at the end.
+struct Apply<'a> {
+    me: &'a str,
+    pos: u64,
+    mastered: BTreeMap<ItemKind, i64>,
+}
+
+impl<'a> Apply<'a> {
+    fn start(tx: &Connection, me: &'a str) -> Result<Self> {
+        let mut mastered = BTreeMap::new();
+        for kind in [ItemKind::Record, ItemKind::WorkspaceItem, ItemKind::User] {
+            mastered.insert(kind, meta_number(tx, &mastered_key(kind))?);
         }
-        Operation::AddSchemaVersion { schema } => {
-            tx.execute(
-                "INSERT OR IGNORE INTO schema_versions (version, package, record_types) VALUES (?1, ?2, ?3)",
-                params![schema.version, schema.package, to_json(&schema.record_types)?],
-            )
-            .map_err(StoreError::sql("adding a schema version"))?;
-        }
-        Operation::Membership { membership } => {
-            tx.execute(
-                "INSERT INTO peers (name, id_tag, active) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET id_tag = excluded.id_tag, active = excluded.active",
-                params![membership.replica, membership.id_tag, membership.active],
-            )
-            .map_err(StoreError::sql("recording a member"))?;
-        }
+        Ok(Apply {
+            me,
+            pos: meta_number(tx, "next_log_position")?,
+            mastered,
+        })
     }
-    Ok(())
+
+    fn finish(self, tx: &Connection) -> Result<()> {
+        set_meta(tx, "next_log_position", &self.pos.to_string())?;
+        for (kind, n) in self.mastered {
+            set_meta(tx, &mastered_key(kind), &n.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Appends `change` (with its JSON `text`, when known) to the change log and
+    /// applies it. An item state older than the one held only goes to the log.
+    fn change(&mut self, tx: &Connection, change: &Change, text: Option<&str>) -> Result<()> {
+        let at = self.pos;
+        self.pos += 1;
+        let owned;
+        let body = match text {
+            Some(t) => t,
+            None => {
+                owned = to_json(change)?;
+                owned.as_str()
+            }
+        };
+        // An item change whose state is kept (current or in the history) is logged as a
+        // pointer to that state; anything else keeps its text.
+        let stored_state = match &change.op {
+            Operation::PutItem { item, forced_from } => {
+                self.put_item(tx, change, item, forced_from.as_deref())?
+            }
+            _ => false,
+        };
+        match (&change.op, stored_state) {
+            (Operation::PutItem { item, .. }, true) => tx
+                .prepare_cached(
+                    "INSERT INTO changes (origin, seq, pos, kind, id, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![change.origin, change.seq, at, kind_key(item.kind), item.id, item.version])
+                }),
+            _ => tx
+                .prepare_cached("INSERT INTO changes (origin, seq, pos, body) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut s| s.execute(params![change.origin, change.seq, at, body])),
+        }
+        .map_err(StoreError::sql("appending to the change log"))?;
+        match &change.op {
+            Operation::PutItem { .. } => {}
+            Operation::AddSchemaVersion { schema } => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO schema_versions (version, package, record_types) VALUES (?1, ?2, ?3)",
+                    params![schema.version, schema.package, to_json(&schema.record_types)?],
+                )
+                .map_err(StoreError::sql("adding a schema version"))?;
+            }
+            Operation::Membership { membership } => {
+                tx.execute(
+                    "INSERT INTO peers (name, id_tag, active) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET id_tag = excluded.id_tag, active = excluded.active",
+                    params![membership.replica, membership.id_tag, membership.active],
+                )
+                .map_err(StoreError::sql("recording a member"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_item(
+        &mut self,
+        tx: &Connection,
+        change: &Change,
+        item: &ItemState,
+        forced_from: Option<&str>,
+    ) -> Result<bool> {
+        let kind = kind_key(item.kind);
+        let fields = to_json(&item.fields)?;
+        let row = params![
+            kind,
+            item.id,
+            item.item_type,
+            fields,
+            item.master,
+            item.version,
+            item.deleted,
+            item.owner,
+            item.schema_version,
+            change.origin,
+            change.seq,
+            forced_from
+        ];
+        // Most changes create an item: try that first, in one statement.
+        let created = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO items (kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq, forced_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut s| s.execute(row))
+            .map_err(StoreError::sql("writing an item"))?;
+        if created == 0 {
+            let (master, deleted, version): (String, bool, u64) = tx
+                .prepare_cached(
+                    "SELECT master, deleted, version FROM items WHERE kind = ?1 AND id = ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![kind, item.id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                })
+                .map_err(StoreError::sql("reading an item"))?;
+            if version >= item.version {
+                // Already at this state or a newer one: applying again changes nothing.
+                return Ok(version == item.version);
+            }
+            // The state being replaced moves to the history.
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO history (kind, id, version, item_type, fields, master, deleted, owner, schema_version, origin, seq, forced_from)
+                 SELECT kind, id, version, item_type, fields, master, deleted, owner, schema_version, origin, seq, forced_from
+                 FROM items WHERE kind = ?1 AND id = ?2",
+            )
+            .and_then(|mut s| s.execute(params![kind, item.id]))
+            .map_err(StoreError::sql("writing history"))?;
+            tx.prepare_cached(
+                "REPLACE INTO items (kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq, forced_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut s| s.execute(row))
+            .map_err(StoreError::sql("writing an item"))?;
+            if master == self.me && !deleted {
+                *self.mastered.entry(item.kind).or_default() -= 1;
+            }
+        }
+        if item.master == self.me && !item.deleted {
+            *self.mastered.entry(item.kind).or_default() += 1;
+        }
+        Ok(true)
+    }
 }
 
 /// Drops change-log entries every other active member has acknowledged.

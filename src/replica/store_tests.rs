@@ -80,7 +80,7 @@ fn clone_of(source: &mut Store, dir: &TempDir, name: &str) -> Store {
         .snapshot_for_clone(name, &dir.0.join(DB_FILE))
         .unwrap();
     let from = source.identity().replica.clone();
-    Store::adopt_clone(&dir.0, name, &tag, &from).unwrap()
+    Store::adopt_clone(&dir.0.join(DB_FILE), name, &tag, &from).unwrap()
 }
 
 #[test]
