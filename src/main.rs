@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: SyncCommand,
     },
+    /// Apply schema packages.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
     /// Print one line: the digest of a replica's replicated content. Replicas that
     /// hold the same changes print the same digest.
     Digest {
@@ -192,6 +197,19 @@ enum ReplicaCommand {
         #[command(flatten)]
         access: Access,
     },
+    /// Start removing a replica from its family: everything it masters moves to
+    /// another replica and it makes no more changes. Then push from it to every
+    /// other replica; `replica status` says when its data can be deleted.
+    Remove {
+        /// URL of the replica to remove.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The active replica that takes over its mastership.
+        #[arg(long, value_name = "R")]
+        to: String,
+        #[command(flatten)]
+        access: Access,
+    },
     /// Show a replica's feature levels, packet versions, epochs and held packets.
     Status {
         #[arg(long, value_name = "URL")]
@@ -309,6 +327,24 @@ enum MastershipCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum SchemaCommand {
+    /// Apply a schema package (a SchemaPackage manifest) at the replica that
+    /// masters the schema repository. The new schema version travels to the other
+    /// replicas in packets; upgrade each replica's user database to it with
+    /// `replica upgrade --user-database-schema N`.
+    Apply {
+        /// URL of the replica that masters the schema repository.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The SchemaPackage manifest.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        access: Access,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum SyncCommand {
     /// Send from one replica to another everything the receiver lacks, straight
     /// from replica to replica; retried sends are harmless.
@@ -385,6 +421,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Records { command } => runtime()?.block_on(records_command(command)),
         Command::Mastership { command } => runtime()?.block_on(mastership_command(command)),
         Command::Sync { command } => runtime()?.block_on(sync_command(command)),
+        Command::Schema {
+            command:
+                SchemaCommand::Apply {
+                    replica,
+                    file,
+                    access,
+                },
+        } => {
+            let (client, _) = connect(&access)?;
+            print!(
+                "{}",
+                runtime()?.block_on(multisite::cmd::replica::apply_package(
+                    &client, &replica, &file
+                ))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Digest { replica, access } => runtime()?.block_on(async move {
             let (client, _) = connect(&access)?;
             let answer: serde_json::Value = client.get_json(&replica, "/v1/digest").await?;
@@ -535,6 +588,17 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 runtime()?.block_on(r::upgrade(&client, &replica, target))?
+            );
+        }
+        ReplicaCommand::Remove {
+            replica,
+            to,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!(
+                "{}",
+                runtime()?.block_on(r::remove(&client, &replica, &to))?
             );
         }
         ReplicaCommand::Status {

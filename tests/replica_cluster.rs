@@ -802,3 +802,179 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn a_removed_replica_hands_over_its_mastership_before_it_goes() {
+    let t = three("remove", 7);
+    let f = &t.family;
+    let (tokyo, paris, austin) = (
+        t.tokyo.url.as_str(),
+        t.paris.url.as_str(),
+        t.austin.url.as_str(),
+    );
+    let mine = f.create(austin, "made at austin");
+    push_all(f, &[tokyo, paris, austin], 2);
+
+    let said = f.cli_ok(&["replica", "remove", "--replica", austin, "--to", "tokyo"]);
+    assert!(said.contains("mastership moved to tokyo"), "{said}");
+    // The leaving replica makes no more changes, and names why.
+    let err = f.cli_refused(&[
+        "records",
+        "create",
+        "--replica",
+        austin,
+        "--type",
+        "Defect",
+        "--field",
+        "headline=late",
+    ]);
+    assert!(err.contains("being removed"), "{err}");
+    let status = f.status(austin);
+    let pending: BTreeSet<String> = status["removalPending"]
+        .as_array()
+        .expect("removal pending")
+        .iter()
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        pending,
+        BTreeSet::from(["tokyo".to_string(), "paris".to_string()])
+    );
+    // Until tokyo imports the move nobody may change the record.
+    assert!(!f.update(tokyo, &mine, "too early").status.success());
+    f.push(austin, tokyo);
+    f.push(austin, paris);
+    let status = f.status(austin);
+    assert_eq!(status["removalPending"], serde_json::json!([]), "{status}");
+    let table = f.cli_ok(&["replica", "status", "--replica", austin]);
+    assert!(table.contains("its data can be deleted"), "{table}");
+    // tokyo masters the record now; paris learns of the move through tokyo or austin.
+    assert!(f.update(tokyo, &mine, "changed at tokyo").status.success());
+    f.push(tokyo, paris);
+    let at_paris = f.get(paris, "record", &mine).expect("record at paris");
+    assert_eq!(at_paris["master"], "tokyo");
+    let members = f.status(paris)["peers"].clone();
+    let austin_member = members
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["name"] == "austin")
+        .cloned()
+        .expect("austin listed");
+    assert_eq!(austin_member["active"], false, "{members}");
+    // The name is not given out again.
+    let again = f.data("austin-again");
+    let err = f.cli_refused(&[
+        "replica",
+        "clone",
+        "--from",
+        tokyo,
+        "--data",
+        path_str(&again),
+        "--replica",
+        "austin",
+    ]);
+    assert!(err.contains("already a member"), "{err}");
+    assert_converged(f, &[tokyo, paris]);
+}
+
+#[test]
+fn a_schema_package_reaches_every_replica_and_writes_change_events() {
+    let t = three("package", 7);
+    let f = &t.family;
+    let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/interop-package.yaml");
+    // Only the replica that masters the schema repository applies packages.
+    let err = f.cli_refused(&["schema", "apply", "--replica", paris, "-f", manifest]);
+    assert!(err.contains("mastered at replica tokyo"), "{err}");
+    let said = f.cli_ok(&["schema", "apply", "--replica", tokyo, "-f", manifest]);
+    assert!(said.contains("schema version 2"), "{said}");
+    let again = f.cli_ok(&["schema", "apply", "--replica", tokyo, "-f", manifest]);
+    assert!(
+        again.contains("schema version 2"),
+        "applying twice changes nothing: {again}"
+    );
+    f.cli_ok(&[
+        "replica",
+        "upgrade",
+        "--replica",
+        tokyo,
+        "--user-database-schema",
+        "2",
+    ]);
+
+    // A record changed at tokyo writes a change event; both travel to paris, where
+    // they wait until paris's user database has the new schema version.
+    let id = f.create(tokyo, "with an event");
+    let events = |url: &str| -> Vec<Value> {
+        json_of(&f.cli_ok(&[
+            "records",
+            "query",
+            "--replica",
+            url,
+            "--type",
+            "ChangeEvent",
+            "-o",
+            "json",
+        ]))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    };
+    let at_tokyo = events(tokyo);
+    assert_eq!(at_tokyo.len(), 1, "{at_tokyo:?}");
+    assert_eq!(at_tokyo[0]["fields"]["record"], id.as_str());
+    assert_eq!(at_tokyo[0]["fields"]["action"], "create");
+    assert_eq!(at_tokyo[0]["master"], "tokyo");
+    let report = f.push(tokyo, paris);
+    assert!(
+        report["held"]
+            .as_str()
+            .is_some_and(|r| r.contains("schema version 2")),
+        "{report}"
+    );
+    let status = f.status(paris);
+    assert_eq!(status["schemaVersion"], 2, "the package itself arrived");
+    assert!(f.get(paris, "record", &id).is_none());
+    f.cli_ok(&[
+        "replica",
+        "upgrade",
+        "--replica",
+        paris,
+        "--user-database-schema",
+        "2",
+    ]);
+    assert!(
+        f.get(paris, "record", &id).is_some(),
+        "imported after the upgrade"
+    );
+
+    // A change at paris writes an event mastered by tokyo (the gateway's replica by
+    // default is the schema repository's master); only tokyo may delete it.
+    f.update(paris, &id, "changed at paris");
+    let moved = f.cli_ok(&[
+        "mastership",
+        "move",
+        "--replica",
+        tokyo,
+        &id,
+        "--to",
+        "paris",
+    ]);
+    assert!(moved.contains("paris"), "{moved}");
+    f.push(tokyo, paris);
+    assert!(f.update(paris, &id, "changed at paris").status.success());
+    let at_paris: Vec<Value> = events(paris)
+        .into_iter()
+        .filter(|e| e["fields"]["action"] == "modify")
+        .collect();
+    assert_eq!(at_paris.len(), 1, "{at_paris:?}");
+    assert_eq!(at_paris[0]["master"], "tokyo");
+    let event = at_paris[0]["id"].as_str().expect("event id").to_string();
+    let err = f.cli_refused(&["records", "delete", "--replica", paris, &event]);
+    assert!(err.contains("mastered at replica tokyo"), "{err}");
+    f.push(paris, tokyo);
+    f.cli_ok(&["records", "delete", "--replica", tokyo, &event]);
+    f.push(tokyo, paris);
+    assert_converged(f, &[tokyo, paris]);
+}

@@ -288,6 +288,66 @@ pub async fn upgrade(
     ))
 }
 
+/// `schema apply`: posts a SchemaPackage manifest's package to a replica.
+pub async fn apply_package(
+    client: &ReplicaClient,
+    url: &str,
+    file: &Path,
+) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let source = file.display().to_string();
+    let objects = crate::api::manifest::parse_objects(&source, &text)?;
+    let packages: Vec<&crate::api::SchemaPackage> = objects
+        .iter()
+        .filter_map(|(_, o)| match o {
+            crate::api::manifest::Object::SchemaPackage(p) => Some(p.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let [package] = packages.as_slice() else {
+        bail!(
+            "{source}: expected exactly one SchemaPackage, found {}",
+            packages.len()
+        );
+    };
+    let record_types: Vec<Value> = package
+        .spec
+        .record_types
+        .iter()
+        .map(|t| {
+            json!({"name": t.name, "fields": t.fields.iter().map(|f| json!({"name": f.name, "type": f.field_type})).collect::<Vec<_>>()})
+        })
+        .collect();
+    let body = json!({"package": package.spec.package, "version": package.spec.version, "recordTypes": record_types});
+    let schema: Value = client
+        .send_json(Method::POST, url, "/v1/schema-packages", &body)
+        .await?;
+    Ok(format!(
+        "package {} {} is schema version {} at {url}; upgrade each replica's user database with `multisite replica upgrade --user-database-schema {}`\n",
+        package.spec.package, package.spec.version, schema["version"], schema["version"]
+    ))
+}
+
+pub async fn remove(client: &ReplicaClient, url: &str, to: &str) -> anyhow::Result<String> {
+    let status: StatusReport = client
+        .send_json(Method::POST, url, "/v1/retire", &json!({"to": to}))
+        .await?;
+    let pending = status.removal_pending.unwrap_or_default();
+    Ok(format!(
+        "replica {} is leaving family {}: its mastership moved to {to} and it makes no more changes.\n\
+         Next: push from it to every other replica (multisite sync push --from {url} --to ...).\n\
+         Replicas that still lack its last changes: {}\n",
+        status.replica,
+        status.family,
+        if pending.is_empty() {
+            "none: its data can be deleted".to_string()
+        } else {
+            pending.join(", ")
+        }
+    ))
+}
+
 pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<String> {
     if output == Output::Json {
         return Ok(serde_json::to_string_pretty(status)? + "\n");
@@ -340,6 +400,16 @@ pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<St
         "change log:         {} entries\n",
         status.change_log
     ));
+    if let Some(pending) = &status.removal_pending {
+        if pending.is_empty() {
+            out.push_str("removal:            every peer holds this replica's changes; its data can be deleted\n");
+        } else {
+            out.push_str(&format!(
+                "removal:            waiting until {} hold this replica's last changes\n",
+                pending.join(", ")
+            ));
+        }
+    }
     Ok(out)
 }
 

@@ -117,4 +117,24 @@ pub enum Operation {
     AddSchemaVersion { schema: SchemaVersion },
     /// A replica joins or leaves.
     Membership { membership: Membership },
+    /// A family-wide setting takes a value (the newest version wins).
+    Setting { setting: Setting },
 }
+
+/// A family-wide setting: which replica masters the schema repository, which one
+/// the gateway is pinned to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+    /// Raised by every change of the setting; ties go to the larger origin name.
+    pub version: u64,
+}
+
+/// Setting key: the replica that masters the schema repository.
+pub const SCHEMA_MASTER: &str = "schemaRepositoryMaster";
+/// Setting key: the replica the family's gateway is connected to.
+pub const GATEWAY_REPLICA: &str = "gatewayReplica";
+/// The record type the interop package adds: one record per change of a record.
+pub const CHANGE_EVENT_TYPE: &str = "ChangeEvent";

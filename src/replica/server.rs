@@ -111,12 +111,21 @@ pub struct StatusReport {
     pub sync_blocked: Option<String>,
     pub schema_version: u64,
     pub user_database_schema_version: u64,
+    /// The replica where schema packages are applied.
+    pub schema_repository_master: String,
+    /// The replica the family's gateway is pinned to, once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_replica: Option<String>,
     pub epochs: BTreeMap<String, u64>,
     pub held_packets: usize,
     pub held: Vec<HeldPacket>,
     pub peers: Vec<crate::replica::store::Peer>,
     pub mastered: BTreeMap<String, u64>,
     pub change_log: u64,
+    /// Set while the replica is being removed: the peers that still lack some of
+    /// its changes (empty: its data can be deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_pending: Option<Vec<String>>,
 }
 
 /// What `POST /v1/sync/import` answers: the receiver's own report of what it committed.
@@ -228,12 +237,17 @@ impl Replica {
             sync_blocked: self.sync_blocked(pair),
             schema_version: levels.schema_version,
             user_database_schema_version: levels.user_database_schema_version,
+            schema_repository_master: store.schema_master()?,
+            gateway_replica: store
+                .setting(crate::packet::change::GATEWAY_REPLICA)?
+                .map(|(v, _)| v),
             epochs: store.epochs()?,
             held_packets: held.len(),
             held,
             peers: store.peers()?,
             mastered,
             change_log: store.change_log_len()?,
+            removal_pending: store.removal_pending()?,
         })
     }
 
@@ -1037,6 +1051,105 @@ async fn clone_replica(
     .await
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PackageBody {
+    package: String,
+    version: String,
+    record_types: Vec<crate::packet::change::RecordTypeDef>,
+}
+
+/// Applies a schema package (at the replica that masters the schema repository).
+async fn apply_package(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<PackageBody>,
+) -> ApiResult<Json<crate::packet::change::SchemaVersion>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, _| {
+        for t in &body.record_types {
+            for f in &t.fields {
+                if !["String", "Integer", "Boolean", "Timestamp", "Reference"].contains(&f.field_type.as_str()) {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("field {} of {}: unknown type {:?}", f.name, t.name, f.field_type),
+                    ));
+                }
+            }
+        }
+        let schema = store.apply_schema_package(&body.package, &body.version, &body.record_types)?;
+        tracing::info!(package = %body.package, version = %body.version, schema_version = schema.version, "schema package applied");
+        Ok(Json(schema))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingBody {
+    key: String,
+    value: String,
+}
+
+/// Sets a family-wide setting (the gateway's replica; the schema repository's
+/// master, only at its current master).
+async fn set_setting(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<SettingBody>,
+) -> ApiResult<Json<StatusReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| {
+        use crate::packet::change::{GATEWAY_REPLICA, SCHEMA_MASTER};
+        let members = store.peers()?;
+        if !members.iter().any(|p| p.name == body.value && p.active) {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{} is not an active member of the family", body.value)));
+        }
+        match body.key.as_str() {
+            GATEWAY_REPLICA => {}
+            SCHEMA_MASTER => {
+                let master = store.schema_master()?;
+                if master != store.identity().replica {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("the schema repository is mastered at replica {master}; move it from there"),
+                    ));
+                }
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown setting {other:?}: use {GATEWAY_REPLICA} or {SCHEMA_MASTER}"),
+                ));
+            }
+        }
+        store.set_setting(&body.key, &body.value)?;
+        Ok(Json(replica.status(store)?))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireBody {
+    to: String,
+}
+
+/// Starts removing this replica: its mastership moves to `to` and it stops making changes.
+async fn retire(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<RetireBody>,
+) -> ApiResult<Json<StatusReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| {
+        let moved = store.retire(&body.to)?;
+        tracing::warn!(to = %body.to, moved, "replica leaving the family; mastership moved");
+        Ok(Json(replica.status(store)?))
+    })
+    .await
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -1050,6 +1163,9 @@ pub fn router(replica: Shared) -> Router {
         .route("/v1/digest", get(digest))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/clone", post(clone_replica))
+        .route("/v1/retire", post(retire))
+        .route("/v1/schema-packages", post(apply_package))
+        .route("/v1/settings", post(set_setting))
         .route("/v1/sync/import", post(import))
         .route("/v1/sync/export", get(export))
         .route("/v1/sync/push", post(push))

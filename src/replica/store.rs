@@ -9,7 +9,8 @@
 
 use crate::domain::mastership::{self, ItemView, Master, Operation as Action, ReplicaStatus};
 use crate::packet::change::{
-    Change, FieldValue, ItemKind, ItemState, Membership, Operation, RecordTypeDef, SchemaVersion,
+    CHANGE_EVENT_TYPE, Change, FieldValue, GATEWAY_REPLICA, ItemKind, ItemState, Membership,
+    Operation, RecordTypeDef, SCHEMA_MASTER, SchemaVersion, Setting,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use std::collections::BTreeMap;
@@ -174,6 +175,8 @@ CREATE TABLE peers (
 CREATE TABLE peer_epochs (
     peer TEXT NOT NULL, origin TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (peer, origin)) WITHOUT ROWID;
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL, origin TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE held_packets (
     id INTEGER PRIMARY KEY AUTOINCREMENT, sender TEXT NOT NULL, packet_version INTEGER NOT NULL,
     reason TEXT NOT NULL, received_at TEXT NOT NULL, bytes BLOB NOT NULL);
@@ -318,6 +321,13 @@ impl Store {
                     active: true,
                 },
             },
+            Operation::Setting {
+                setting: Setting {
+                    key: SCHEMA_MASTER.to_string(),
+                    value: p.replica.clone(),
+                    version: 1,
+                },
+            },
         ])?;
         Ok(store)
     }
@@ -389,7 +399,19 @@ impl Store {
     /// Records `ops` as this replica's next changes and applies them, in one transaction.
     fn commit_local(&mut self, ops: Vec<Operation>) -> Result<Vec<Change>> {
         let me = self.identity.replica.clone();
+        let family = self.identity.family.clone();
         let tx = self.transaction("starting a local change")?;
+        let active: Option<bool> = tx
+            .query_row("SELECT active FROM peers WHERE name = ?1", [&me], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(StoreError::sql("reading membership"))?;
+        if active == Some(false) {
+            return Err(StoreError::Invalid(format!(
+                "replica {me} is being removed from family {family}: it makes no more changes"
+            )));
+        }
         let mut seq = epoch_of(&tx, &me)?;
         let mut apply = Apply::start(&tx, &me)?;
         let mut changes = Vec::with_capacity(ops.len());
@@ -521,10 +543,7 @@ impl Store {
             owner: owner.map(str::to_string),
             schema_version: levels.user_database_schema_version,
         };
-        self.commit_local(vec![Operation::PutItem {
-            item: item.clone(),
-            forced_from: None,
-        }])?;
+        self.commit_record_change(&item, "create")?;
         Ok(item)
     }
 
@@ -598,10 +617,7 @@ impl Store {
         item.schema_version = item
             .schema_version
             .max(self.levels()?.user_database_schema_version);
-        self.commit_local(vec![Operation::PutItem {
-            item: item.clone(),
-            forced_from: None,
-        }])?;
+        self.commit_record_change(&item, "modify")?;
         Ok(item)
     }
 
@@ -611,10 +627,15 @@ impl Store {
         self.check(&Action::Delete, &item)?;
         item.version += 1;
         item.deleted = true;
-        self.commit_local(vec![Operation::PutItem {
-            item: item.clone(),
-            forced_from: None,
-        }])?;
+        if item.item_type == CHANGE_EVENT_TYPE {
+            // The gateway deletes the events it delivered; that is no record change.
+            self.commit_local(vec![Operation::PutItem {
+                item: item.clone(),
+                forced_from: None,
+            }])?;
+        } else {
+            self.commit_record_change(&item, "delete")?;
+        }
         Ok(item)
     }
 
@@ -671,6 +692,253 @@ impl Store {
             .collect();
         self.commit_local(ops)?;
         Ok(moved)
+    }
+
+    /// A family-wide setting and its version.
+    pub fn setting(&self, key: &str) -> Result<Option<(String, u64)>> {
+        self.conn
+            .query_row(
+                "SELECT value, version FROM settings WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(StoreError::sql("reading a setting"))
+    }
+
+    /// Sets a family-wide setting from this replica.
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<()> {
+        let version = self.setting(key)?.map(|(_, v)| v).unwrap_or(0) + 1;
+        self.commit_local(vec![Operation::Setting {
+            setting: Setting {
+                key: key.to_string(),
+                value: value.to_string(),
+                version,
+            },
+        }])?;
+        Ok(())
+    }
+
+    /// The replica that masters the schema repository.
+    pub fn schema_master(&self) -> Result<String> {
+        Ok(self
+            .setting(SCHEMA_MASTER)?
+            .map(|(v, _)| v)
+            .unwrap_or_default())
+    }
+
+    /// Applies a schema package at the replica that masters the schema repository:
+    /// a new schema version holding every record type so far plus the package's
+    /// (fields new to an existing type are added to it). Applying the same package
+    /// and version again changes nothing. Returns the schema version.
+    pub fn apply_schema_package(
+        &mut self,
+        package: &str,
+        version: &str,
+        record_types: &[RecordTypeDef],
+    ) -> Result<SchemaVersion> {
+        let master = self.schema_master()?;
+        if master != self.identity.replica {
+            return Err(StoreError::Invalid(format!(
+                "the schema repository is mastered at replica {master}; apply the package there"
+            )));
+        }
+        let label = format!("{package} {version}");
+        let latest = self.levels()?.schema_version;
+        let rows: Vec<(u64, Option<String>, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT version, package, record_types FROM schema_versions ORDER BY version",
+                )
+                .map_err(StoreError::sql("reading schema versions"))?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(StoreError::sql("reading schema versions"))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(StoreError::sql("reading schema versions"))?
+        };
+        let mut types: Vec<RecordTypeDef> = Vec::new();
+        for (v, pkg, text) in rows {
+            if pkg.as_deref() == Some(label.as_str()) {
+                return Ok(SchemaVersion {
+                    version: v,
+                    package: pkg,
+                    record_types: from_json(&text, "record types")?,
+                });
+            }
+            if v == latest {
+                types = from_json(&text, "record types")?;
+            }
+        }
+        for new in record_types {
+            match types.iter_mut().find(|t| t.name == new.name) {
+                Some(existing) => {
+                    for field in &new.fields {
+                        match existing.fields.iter().find(|f| f.name == field.name) {
+                            Some(f) if f.field_type != field.field_type => {
+                                return Err(StoreError::Invalid(format!(
+                                    "package {label}: field {} of {} is {} in the schema, not {}",
+                                    field.name, new.name, f.field_type, field.field_type
+                                )));
+                            }
+                            Some(_) => {}
+                            None => existing.fields.push(field.clone()),
+                        }
+                    }
+                }
+                None => types.push(new.clone()),
+            }
+        }
+        self.add_schema_version(Some(label), types)
+    }
+
+    /// When the user database's schema has the interop package's change-event type:
+    /// the change event to write with a change of record `id`, mastered by the
+    /// gateway's replica wherever the change happened.
+    fn change_event(&mut self, id: &str, action: &str) -> Result<Option<Operation>> {
+        let types = self.record_types()?;
+        let Some(def) = types.iter().find(|t| t.name == CHANGE_EVENT_TYPE) else {
+            return Ok(None);
+        };
+        let gateway = match self.setting(GATEWAY_REPLICA)? {
+            Some((replica, _)) => replica,
+            None => self.schema_master()?,
+        };
+        let mut fields = BTreeMap::new();
+        for (name, value) in [
+            ("record", id),
+            ("action", action),
+            ("replica", self.identity.replica.as_str()),
+        ] {
+            if def
+                .fields
+                .iter()
+                .any(|f| f.name == name && f.field_type == "String")
+            {
+                fields.insert(name.to_string(), FieldValue::String(value.to_string()));
+            }
+        }
+        let number: u64 = meta_number(&self.conn, "next_record_number")?;
+        set_meta(&self.conn, "next_record_number", &(number + 1).to_string())?;
+        Ok(Some(Operation::PutItem {
+            item: ItemState {
+                kind: ItemKind::Record,
+                id: format!(
+                    "{}{:05}{}",
+                    self.identity.id_prefix, number, self.identity.id_tag
+                ),
+                item_type: CHANGE_EVENT_TYPE.to_string(),
+                fields,
+                master: if gateway.is_empty() {
+                    self.identity.replica.clone()
+                } else {
+                    gateway
+                },
+                version: 1,
+                deleted: false,
+                owner: None,
+                schema_version: self.levels()?.user_database_schema_version,
+            },
+            forced_from: None,
+        }))
+    }
+
+    /// Commits a record change, with its change event when the schema has them.
+    fn commit_record_change(&mut self, item: &ItemState, action: &str) -> Result<()> {
+        let mut ops = vec![Operation::PutItem {
+            item: item.clone(),
+            forced_from: None,
+        }];
+        if item.kind == ItemKind::Record
+            && item.item_type != CHANGE_EVENT_TYPE
+            && let Some(event) = self.change_event(&item.id, action)?
+        {
+            ops.push(event);
+        }
+        self.commit_local(ops)?;
+        Ok(())
+    }
+
+    /// First step of removing this replica from its family: in one change set, the
+    /// mastership of everything mastered here moves to `to`, and this replica records
+    /// that it leaves. It makes no more changes; once every peer holds these
+    /// changes (see [`Store::removal_pending`]) its data can be deleted.
+    pub fn retire(&mut self, to: &str) -> Result<usize> {
+        let me = self.identity.replica.clone();
+        if to == me {
+            return Err(StoreError::Invalid(format!(
+                "replica {me} cannot hand its mastership to itself; name another active replica"
+            )));
+        }
+        let peers = self.peers()?;
+        if !peers.iter().any(|p| p.name == to && p.active) {
+            return Err(StoreError::Invalid(format!(
+                "replica {to} is not an active member of family {}",
+                self.identity.family
+            )));
+        }
+        let mut ops = Vec::new();
+        for kind in [ItemKind::User, ItemKind::WorkspaceItem, ItemKind::Record] {
+            for mut item in self.query(kind, None, &[])? {
+                if item.master != me {
+                    continue;
+                }
+                item.master = to.to_string();
+                item.version += 1;
+                ops.push(Operation::PutItem {
+                    item,
+                    forced_from: None,
+                });
+            }
+        }
+        let moved = ops.len();
+        for key in [SCHEMA_MASTER, GATEWAY_REPLICA] {
+            if let Some((value, version)) = self.setting(key)?
+                && value == me
+            {
+                ops.push(Operation::Setting {
+                    setting: Setting {
+                        key: key.to_string(),
+                        value: to.to_string(),
+                        version: version + 1,
+                    },
+                });
+            }
+        }
+        let tag = peers
+            .iter()
+            .find(|p| p.name == me)
+            .map(|p| p.id_tag.clone())
+            .unwrap_or_default();
+        ops.push(Operation::Membership {
+            membership: Membership {
+                replica: me,
+                id_tag: tag,
+                active: false,
+            },
+        });
+        self.commit_local(ops)?;
+        Ok(moved)
+    }
+
+    /// For a replica being removed: the active peers that have not yet acknowledged
+    /// every change it made (empty once it can be deleted). `None` when it is not
+    /// being removed.
+    pub fn removal_pending(&self) -> Result<Option<Vec<String>>> {
+        let me = &self.identity.replica;
+        let peers = self.peers()?;
+        if peers.iter().any(|p| &p.name == me && p.active) {
+            return Ok(None);
+        }
+        let mine = self.epochs()?.get(me).copied().unwrap_or(0);
+        Ok(Some(
+            peers
+                .iter()
+                .filter(|p| p.active && &p.name != me)
+                .filter(|p| p.acknowledged.get(me).copied().unwrap_or(0) < mine)
+                .map(|p| p.name.clone())
+                .collect(),
+        ))
     }
 
     /// Takes mastership of an item from a replica that was removed from the family.
@@ -1507,6 +1775,16 @@ impl<'a> Apply<'a> {
                     params![schema.version, schema.package, to_json(&schema.record_types)?],
                 )
                 .map_err(StoreError::sql("adding a schema version"))?;
+            }
+            Operation::Setting { setting } => {
+                tx.execute(
+                    "INSERT INTO settings (key, value, version, origin) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value, version = excluded.version, origin = excluded.origin
+                     WHERE excluded.version > settings.version
+                        OR (excluded.version = settings.version AND excluded.origin > settings.origin)",
+                    params![setting.key, setting.value, setting.version, change.origin],
+                )
+                .map_err(StoreError::sql("recording a setting"))?;
             }
             Operation::Membership { membership } => {
                 tx.execute(

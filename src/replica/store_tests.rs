@@ -60,6 +60,7 @@ fn push(a: &mut Store, b: &mut Store) -> ImportOutcome {
     let inc = b.identity().incarnation;
     a.record_acknowledgement(&peer, inc, &b.epochs().unwrap())
         .unwrap();
+    a.confirm_member(&peer).unwrap();
     outcome
 }
 
