@@ -176,6 +176,10 @@ enum ReplicaCommand {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Seconds an acknowledged change stays in the change log (default 7 days), so
+        /// that a replica restored from a backup that recent gets back what it lost.
+        #[arg(long, value_name = "SECONDS")]
+        log_retention: Option<u64>,
         #[command(flatten)]
         access: Access,
     },
@@ -196,6 +200,26 @@ enum ReplicaCommand {
         user_database_schema: Option<u64>,
         #[command(flatten)]
         access: Access,
+    },
+    /// Write a consistent copy of a live replica's database to a file.
+    Backup {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        #[arg(long = "out", value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Put a backup in place of a stopped replica's database. The replica comes back
+    /// as a new incarnation: packets made for the old one are refused, and it makes
+    /// no changes until every peer has pushed to it what the backup lacks.
+    Restore {
+        /// The replica's data directory (its server must be stopped).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The backup file.
+        #[arg(long = "from", value_name = "FILE")]
+        from: PathBuf,
     },
     /// Start removing a replica from its family: everything it masters moves to
     /// another replica and it makes no more changes. Then push from it to every
@@ -562,12 +586,20 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             listen,
             sync_full,
             log_json,
+            log_retention,
             access,
         } => {
             init_logging(log_json);
             let secret = r::load_secret(access.secret_file.as_deref())?;
             let compat = multisite::domain::compat::Compatibility::builtin();
-            runtime()?.block_on(r::serve(&data, &listen, sync_full, secret, compat))?;
+            runtime()?.block_on(r::serve(
+                &data,
+                &listen,
+                sync_full,
+                log_retention,
+                secret,
+                compat,
+            ))?;
         }
         ReplicaCommand::Upgrade {
             replica,
@@ -589,6 +621,20 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
                 "{}",
                 runtime()?.block_on(r::upgrade(&client, &replica, target))?
             );
+        }
+        ReplicaCommand::Backup {
+            replica,
+            out,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!(
+                "{}",
+                runtime()?.block_on(r::backup(&client, &replica, &out))?
+            );
+        }
+        ReplicaCommand::Restore { data, from } => {
+            print!("{}", r::restore(&data, &from)?);
         }
         ReplicaCommand::Remove {
             replica,

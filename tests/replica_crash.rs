@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Family, Server, assert_converged, path_str, text};
+use common::{Family, Server, assert_converged, path_str, push_all, text};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -612,4 +612,126 @@ fn clone_that_failed_after_the_source_made_the_copy_can_be_run_again() {
         "paris",
     ]);
     assert!(again.contains("already a member"), "{again}");
+}
+
+#[test]
+fn a_replica_restored_from_a_backup_gets_back_what_it_lost_and_reuses_no_number() {
+    let f = Family::new("restore");
+    f.init("tokyo", 7);
+    let tokyo = f.serve("tokyo");
+    f.clone_replica(&tokyo.url, "paris");
+    f.clone_replica(&tokyo.url, "austin");
+    let mut paris = f.serve("paris");
+    let austin = f.serve("austin");
+    let urls = [tokyo.url.clone(), paris.url.clone(), austin.url.clone()];
+    let all: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let before = f.create(&paris.url, "before the backup");
+    push_all(&f, &all, 2);
+
+    let backup = f.data("paris-backup.db");
+    f.cli_ok(&[
+        "replica",
+        "backup",
+        "--replica",
+        &paris.url,
+        "--out",
+        path_str(&backup),
+    ]);
+    let old_incarnation = f.status(&paris.url)["incarnation"]
+        .as_u64()
+        .expect("incarnation");
+    // Changes made after the backup reach the peers, then paris loses them.
+    let lost = f.create(&paris.url, "after the backup");
+    f.push(&paris.url, &tokyo.url);
+    f.push(&paris.url, &austin.url);
+    let lost_epoch = f.status(&paris.url)["epochs"]["paris"]
+        .as_u64()
+        .expect("epoch");
+    f.create(&tokyo.url, "for the old incarnation");
+    let stale = f.data("stale.pkt");
+    f.cli_ok(&[
+        "sync",
+        "export",
+        "--replica",
+        &tokyo.url,
+        "--peer",
+        "paris",
+        "--out",
+        path_str(&stale),
+    ]);
+
+    paris.kill();
+    let data = f.data("paris");
+    let said = f.cli_ok(&[
+        "replica",
+        "restore",
+        "--data",
+        path_str(&data),
+        "--from",
+        path_str(&backup),
+    ]);
+    assert!(said.contains("austin, tokyo"), "{said}");
+    paris.restart();
+    let status = f.status(&paris.url);
+    assert!(
+        status["incarnation"].as_u64().expect("incarnation") > old_incarnation,
+        "{status}"
+    );
+    assert_eq!(
+        status["restoring"],
+        serde_json::json!(["austin", "tokyo"]),
+        "{status}"
+    );
+    assert!(f.get(&paris.url, "record", &before).is_some());
+    assert!(
+        f.get(&paris.url, "record", &lost).is_none(),
+        "the backup lacks it"
+    );
+    // No changes until the peers have re-sent what was lost.
+    let err = f.cli_refused(&[
+        "records",
+        "create",
+        "--replica",
+        &paris.url,
+        "--type",
+        "Defect",
+        "--field",
+        "headline=x",
+    ]);
+    assert!(err.contains("restored from a backup"), "{err}");
+    // A packet made for the old incarnation is refused.
+    let err = f.cli_refused(&["sync", "import", "--replica", &paris.url, path_str(&stale)]);
+    assert!(err.contains("incarnation"), "{err}");
+
+    f.push(&tokyo.url, &paris.url);
+    assert!(
+        f.get(&paris.url, "record", &lost).is_some(),
+        "tokyo re-sent paris's own lost change"
+    );
+    assert_eq!(
+        f.status(&paris.url)["restoring"],
+        serde_json::json!(["austin"])
+    );
+    f.push(&austin.url, &paris.url);
+    let status = f.status(&paris.url);
+    assert!(
+        status
+            .get("restoring")
+            .is_none_or(|r| r.as_array().is_some_and(|a| a.is_empty())),
+        "{status}"
+    );
+    assert_eq!(status["epochs"]["paris"].as_u64(), Some(lost_epoch));
+
+    // New changes continue after the lost ones: the peers apply them, none is
+    // taken for a duplicate.
+    let fresh = f.create(&paris.url, "after the restore");
+    assert_ne!(fresh, lost);
+    let report = f.push(&paris.url, &tokyo.url);
+    assert!(report["applied"].as_u64().unwrap_or(0) >= 1, "{report}");
+    assert!(f.get(&tokyo.url, "record", &fresh).is_some());
+    // The restart gave paris a new port.
+    let urls = [tokyo.url.clone(), paris.url.clone(), austin.url.clone()];
+    let all: Vec<&str> = urls.iter().map(String::as_str).collect();
+    push_all(&f, &all, 2);
+    assert_converged(&f, &all);
 }

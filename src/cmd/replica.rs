@@ -195,15 +195,73 @@ pub async fn clone(
     ))
 }
 
+/// `replica backup`: a consistent copy of a live replica's database.
+pub async fn backup(client: &ReplicaClient, url: &str, out: &Path) -> anyhow::Result<String> {
+    let bytes = client
+        .call(
+            Method::POST,
+            url,
+            "/v1/backup",
+            "application/json",
+            Vec::new(),
+        )
+        .await?;
+    let tmp = out.with_extension("partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(format!(
+        "wrote a backup of {url} to {} ({} bytes)\n",
+        out.display(),
+        bytes.len()
+    ))
+}
+
+/// `replica restore`: puts a backup in place of a stopped replica's database.
+pub fn restore(data: &Path, from: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let staged = data.join(format!("{DB_FILE}.restoring"));
+    std::fs::copy(from, &staged).with_context(|| format!("cannot copy {}", from.display()))?;
+    let restored = Store::restore_from(&staged)?;
+    restored.checkpoint()?;
+    let identity = restored.identity().clone();
+    let waiting = restored.restoring()?;
+    drop(restored);
+    // The old database's write-ahead log must not be replayed onto the backup.
+    for suffix in ["-wal", "-shm"] {
+        let stale = data.join(format!("{DB_FILE}{suffix}"));
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("cannot remove {}", stale.display()))?;
+        }
+    }
+    std::fs::rename(&staged, data.join(DB_FILE))?;
+    Ok(format!(
+        "restored replica {} of family {} from {} as incarnation {}; it makes no changes until {} have pushed to it\n",
+        identity.replica,
+        identity.family,
+        from.display(),
+        identity.incarnation,
+        if waiting.is_empty() {
+            "nobody".to_string()
+        } else {
+            waiting.join(", ")
+        }
+    ))
+}
+
 /// `replica serve`: the HTTP API until SIGINT/SIGTERM.
 pub async fn serve(
     data: &Path,
     listen: &str,
     sync_full: bool,
+    log_retention: Option<u64>,
     secret: Secret,
     compat: Compatibility,
 ) -> anyhow::Result<()> {
-    let store = Store::open_with(data, sync_full)?;
+    let mut store = Store::open_with(data, sync_full)?;
+    if let Some(seconds) = log_retention {
+        store.set_log_retention(seconds)?;
+    }
     let identity = store.identity().clone();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -400,6 +458,12 @@ pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<St
         "change log:         {} entries\n",
         status.change_log
     ));
+    if !status.restoring.is_empty() {
+        out.push_str(&format!(
+            "restore:            restored from a backup; waiting until {} push to it\n",
+            status.restoring.join(", ")
+        ));
+    }
     if let Some(pending) = &status.removal_pending {
         if pending.is_empty() {
             out.push_str("removal:            every peer holds this replica's changes; its data can be deleted\n");

@@ -126,6 +126,10 @@ pub struct StatusReport {
     /// its changes (empty: its data can be deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_pending: Option<Vec<String>>,
+    /// After a restore from backup: the peers that have not yet re-sent what the
+    /// backup lacks. The replica makes no changes until this is empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restoring: Vec<String>,
 }
 
 /// What `POST /v1/sync/import` answers: the receiver's own report of what it committed.
@@ -248,6 +252,7 @@ impl Replica {
             mastered,
             change_log: store.change_log_len()?,
             removal_pending: store.removal_pending()?,
+            restoring: store.restoring()?,
         })
     }
 
@@ -323,6 +328,10 @@ impl Replica {
                 store.import_texts(&packet.changes, Some(&packet.texts))?;
             report.applied = outcome.applied;
             report.skipped = outcome.skipped;
+            if outcome.blocked.is_none() {
+                // Made for this incarnation and imported whole: the sender re-sent all it had.
+                store.heard_after_restore(&h.sender)?;
+            }
             if let Some(reason) = outcome.blocked {
                 drop_superseded_held(store, &h.sender, &packet.ranges)?;
                 store.hold_packet(&h.sender, version, &reason, bytes)?;
@@ -405,6 +414,7 @@ impl Replica {
             let peer_name = peer.replica.clone();
             let peer_epochs = peer.epochs.clone();
             let peer_inc = peer.incarnation;
+            let peer_restoring = peer.restoring.contains(&me.replica);
             let prepared = self
                 .with_store(move |store, replica| {
                     store.record_acknowledgement(&peer_name, peer_inc, &peer_epochs)?;
@@ -418,7 +428,8 @@ impl Replica {
                     }
                     let changes = store.changes_for(&peer_name)?;
                     let lag = lag(&store.epochs()?, &peer_epochs);
-                    if changes.is_empty() {
+                    // A restored peer waits for a packet from everyone, empty or not.
+                    if changes.is_empty() && !peer_restoring {
                         return Ok((None, lag));
                     }
                     let header = PacketHeader {
@@ -473,6 +484,9 @@ impl Replica {
             report.lag = lag_after;
             if imported.held.is_some() {
                 report.held = imported.held;
+                return Ok(report);
+            }
+            if count == 0 {
                 return Ok(report);
             }
             if lag_after == 0 {
@@ -1015,6 +1029,29 @@ async fn upgrade(
     .await
 }
 
+/// A consistent copy of this replica's database (a backup).
+async fn backup(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, _| {
+        let dir = store
+            .path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let tmp = dir.join(".backup.db");
+        let _ = std::fs::remove_file(&tmp);
+        let made = store.backup_to(&tmp).and_then(|()| {
+            std::fs::read(&tmp)
+                .map_err(|e| StoreError::Invalid(format!("cannot read the copy: {e}")))
+        });
+        let _ = std::fs::remove_file(&tmp);
+        let bytes = made?;
+        tracing::info!(size = bytes.len(), "backup made");
+        Ok(([("content-type", "application/octet-stream")], bytes).into_response())
+    })
+    .await
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CloneBody {
@@ -1163,6 +1200,7 @@ pub fn router(replica: Shared) -> Router {
         .route("/v1/digest", get(digest))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/clone", post(clone_replica))
+        .route("/v1/backup", post(backup))
         .route("/v1/retire", post(retire))
         .route("/v1/schema-packages", post(apply_package))
         .route("/v1/settings", post(set_setting))

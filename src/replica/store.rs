@@ -19,6 +19,17 @@ use std::path::{Path, PathBuf};
 /// The database file inside a replica's data directory.
 pub const DB_FILE: &str = "replica.db";
 
+/// How long acknowledged changes stay in the log by default (7 days), so that a
+/// replica restored from a backup that recent gets back everything it lost.
+pub const DEFAULT_LOG_RETENTION_SECONDS: u64 = 7 * 24 * 3600;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Most changes one packet carries; a longer backlog goes in several packets.
 pub const MAX_CHANGES_PER_PACKET: usize = 20_000;
 
@@ -165,7 +176,7 @@ CREATE TABLE history (
     schema_version INTEGER NOT NULL, origin TEXT NOT NULL, seq INTEGER NOT NULL, forced_from TEXT,
     PRIMARY KEY (kind, id, version)) WITHOUT ROWID;
 CREATE TABLE changes (
-    origin TEXT NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL,
+    origin TEXT NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL, logged_at INTEGER NOT NULL,
     body TEXT, kind TEXT, id TEXT, version INTEGER,
     PRIMARY KEY (origin, seq)) WITHOUT ROWID;
 CREATE TABLE epochs (origin TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
@@ -298,6 +309,10 @@ impl Store {
             ("next_record_number", 1),
             ("next_child_tag", 0),
             ("next_log_position", 1),
+            (
+                "log_retention_seconds",
+                DEFAULT_LOG_RETENTION_SECONDS as i64,
+            ),
             ("mastered_record", 0),
             ("mastered_workspace", 0),
             ("mastered_user", 0),
@@ -410,6 +425,11 @@ impl Store {
         if active == Some(false) {
             return Err(StoreError::Invalid(format!(
                 "replica {me} is being removed from family {family}: it makes no more changes"
+            )));
+        }
+        if let Some(waiting) = get_meta(&tx, "restoring")? {
+            return Err(StoreError::Invalid(format!(
+                "replica {me} was restored from a backup and makes no changes until every peer has re-sent what it lost (waiting for: {waiting})"
             )));
         }
         let mut seq = epoch_of(&tx, &me)?;
@@ -1537,6 +1557,76 @@ impl Store {
         Store::open_conn(conn, path)
     }
 
+    /// Sets how long acknowledged changes stay in the log.
+    pub fn set_log_retention(&mut self, seconds: u64) -> Result<()> {
+        set_meta(&self.conn, "log_retention_seconds", &seconds.to_string())
+    }
+
+    /// Writes a consistent copy of the database to `dest` (a backup); this replica
+    /// stays usable meanwhile.
+    pub fn backup_to(&self, dest: &Path) -> Result<()> {
+        let dest_text = dest
+            .to_str()
+            .ok_or_else(|| StoreError::Invalid(format!("{} is not UTF-8", dest.display())))?;
+        self.conn
+            .execute("VACUUM INTO ?1", [dest_text])
+            .map(|_| ())
+            .map_err(StoreError::sql("copying the database"))
+    }
+
+    /// Turns a backup copy at `path` into a restored replica: a new incarnation
+    /// (packets made for the old one are refused), no held packets, and no local
+    /// changes until every active peer has re-sent what the backup lacks (they send
+    /// at least an empty packet to a restoring replica).
+    pub fn restore_from(path: &Path) -> Result<Store> {
+        let conn = connect(path, false)?;
+        let old: u64 = meta_number(&conn, "incarnation")?;
+        // Later than any incarnation this replica had, even after several restores.
+        let incarnation = (old + 1).max(unix_now());
+        let me = need_meta(&conn, "replica")?;
+        let mut stmt = conn
+            .prepare("SELECT name FROM peers WHERE active = 1 AND name != ?1 ORDER BY name")
+            .map_err(StoreError::sql("reading peers"))?;
+        let peers: Vec<String> = stmt
+            .query_map([&me], |r| r.get(0))
+            .map_err(StoreError::sql("reading peers"))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading peers"))?;
+        drop(stmt);
+        set_meta(&conn, "incarnation", &incarnation.to_string())?;
+        conn.execute("DELETE FROM held_packets", [])
+            .map_err(StoreError::sql("restoring"))?;
+        if !peers.is_empty() {
+            set_meta(&conn, "restoring", &peers.join(","))?;
+        }
+        Store::open_conn(conn, path.to_path_buf())
+    }
+
+    /// Peers a restored replica still waits for; empty when it is not restoring.
+    pub fn restoring(&self) -> Result<Vec<String>> {
+        Ok(get_meta(&self.conn, "restoring")?
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default())
+    }
+
+    /// A restored replica received a packet (possibly empty) from `peer` made for
+    /// its current incarnation: `peer` has re-sent what it had.
+    pub fn heard_after_restore(&mut self, peer: &str) -> Result<()> {
+        let waiting = self.restoring()?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let rest: Vec<String> = waiting.into_iter().filter(|p| p != peer).collect();
+        if rest.is_empty() {
+            self.conn
+                .execute("DELETE FROM meta WHERE key = 'restoring'", [])
+                .map_err(StoreError::sql("finishing a restore"))?;
+        } else {
+            set_meta(&self.conn, "restoring", &rest.join(","))?;
+        }
+        Ok(())
+    }
+
     /// Moves the write-ahead log into the database file (after bulk work, so that
     /// later commits do not pay for it).
     pub fn checkpoint(&self) -> Result<()> {
@@ -1709,6 +1799,7 @@ fn mastered_key(kind: ItemKind) -> String {
 struct Apply<'a> {
     me: &'a str,
     pos: u64,
+    now: u64,
     mastered: BTreeMap<ItemKind, i64>,
 }
 
@@ -1720,6 +1811,7 @@ impl<'a> Apply<'a> {
         }
         Ok(Apply {
             me,
+            now: unix_now(),
             pos: meta_number(tx, "next_log_position")?,
             mastered,
         })
@@ -1757,14 +1849,16 @@ impl<'a> Apply<'a> {
         match (&change.op, stored_state) {
             (Operation::PutItem { item, .. }, true) => tx
                 .prepare_cached(
-                    "INSERT INTO changes (origin, seq, pos, kind, id, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO changes (origin, seq, pos, logged_at, kind, id, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![change.origin, change.seq, at, kind_key(item.kind), item.id, item.version])
+                    s.execute(params![change.origin, change.seq, at, self.now, kind_key(item.kind), item.id, item.version])
                 }),
             _ => tx
-                .prepare_cached("INSERT INTO changes (origin, seq, pos, body) VALUES (?1, ?2, ?3, ?4)")
-                .and_then(|mut s| s.execute(params![change.origin, change.seq, at, body])),
+                .prepare_cached(
+                    "INSERT INTO changes (origin, seq, pos, logged_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![change.origin, change.seq, at, self.now, body])),
         }
         .map_err(StoreError::sql("appending to the change log"))?;
         match &change.op {
@@ -1870,7 +1964,11 @@ impl<'a> Apply<'a> {
 }
 
 /// Drops change-log entries every other active member has acknowledged.
+/// Entries younger than the retention stay, so a restored replica can get back what
+/// it lost.
 fn trim(tx: &Connection, me: &str) -> Result<()> {
+    let retention: u64 = meta_number(tx, "log_retention_seconds")?;
+    let cutoff = unix_now().saturating_sub(retention);
     let mut stmt = tx
         .prepare("SELECT name FROM peers WHERE active = 1 AND name != ?1")
         .map_err(StoreError::sql("trimming"))?;
@@ -1907,8 +2005,8 @@ fn trim(tx: &Connection, me: &str) -> Result<()> {
         }
         if floor > 0 {
             tx.execute(
-                "DELETE FROM changes WHERE origin = ?1 AND seq <= ?2",
-                params![origin, floor],
+                "DELETE FROM changes WHERE origin = ?1 AND seq <= ?2 AND logged_at <= ?3",
+                params![origin, floor, cutoff],
             )
             .map_err(StoreError::sql("trimming"))?;
         }

@@ -326,16 +326,41 @@ fn the_log_is_trimmed_only_past_what_every_peer_acknowledged() {
     }
     let full = a.change_log_len().unwrap();
     push(a, b);
+    push(a, c);
+    assert_eq!(
+        a.change_log_len().unwrap(),
+        full,
+        "acknowledged changes stay for the retention time"
+    );
+    a.set_log_retention(0).unwrap();
+    push(a, b);
+    for _ in 0..3 {
+        a.create_item(ItemKind::Record, "Defect", fields(&[]), None)
+            .unwrap();
+    }
+    let full = a.change_log_len().unwrap();
+    assert!(full >= 3);
+    // Only paris acknowledges: nothing goes.
+    push(a, b);
     assert_eq!(
         a.change_log_len().unwrap(),
         full,
         "austin has not acknowledged yet"
     );
-    // An acknowledgement that goes backwards (a restored peer) makes the sender resend.
     push(a, c);
     assert!(a.change_log_len().unwrap() < full);
     assert!(a.changes_for("paris").unwrap().is_empty());
-    let _ = c;
+    // A peer whose acknowledgement goes back (restored from a backup) past the
+    // trimmed log cannot be served from it, and is told so.
+    let epochs: std::collections::BTreeMap<String, u64> = b
+        .epochs()
+        .unwrap()
+        .into_iter()
+        .map(|(o, s)| (o, s.saturating_sub(2)))
+        .collect();
+    a.record_acknowledgement("paris", 2, &epochs).unwrap();
+    let err = a.changes_for("paris").unwrap_err().to_string();
+    assert!(err.contains("re-create paris"), "{err}");
 }
 
 #[test]
