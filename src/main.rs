@@ -201,6 +201,18 @@ enum ReplicaCommand {
         #[command(flatten)]
         access: Access,
     },
+    /// Declare a replica gone for good (its data is lost and it cannot be removed
+    /// the normal way). Its items can then be taken over with `mastership move --force`.
+    Forget {
+        /// URL of a surviving replica.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// Name of the replica that is gone.
+        #[arg(value_name = "NAME")]
+        gone: String,
+        #[command(flatten)]
+        access: Access,
+    },
     /// Write a consistent copy of a live replica's database to a file.
     Backup {
         #[arg(long, value_name = "URL")]
@@ -620,6 +632,24 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 runtime()?.block_on(r::upgrade(&client, &replica, target))?
+            );
+        }
+        ReplicaCommand::Forget {
+            replica,
+            gone,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let status: multisite::replica::server::StatusReport =
+                runtime()?.block_on(client.send_json(
+                    hyper::Method::POST,
+                    &replica,
+                    &format!("/v1/members/{gone}/forget"),
+                    &serde_json::json!(null),
+                ))?;
+            println!(
+                "replica {gone} is recorded as gone at {}; take its items over with `multisite mastership move --replica {replica} ID --force`",
+                status.replica
             );
         }
         ReplicaCommand::Backup {

@@ -978,3 +978,62 @@ fn a_schema_package_reaches_every_replica_and_writes_change_events() {
     f.push(tokyo, paris);
     assert_converged(f, &[tokyo, paris]);
 }
+
+#[test]
+fn a_forced_takeover_needs_the_flag_and_a_master_declared_gone_and_is_recorded() {
+    let mut t = three("takeover", 7);
+    let (tokyo, paris) = (t.tokyo.url.clone(), t.paris.url.clone());
+    let austin = t.austin.url.clone();
+    let f = &t.family;
+    let orphan = f.create(&austin, "mastered at austin");
+    push_all(f, &[&tokyo, &paris, &austin], 2);
+    // austin is lost for good.
+    t.austin.kill();
+    let f = &t.family;
+    let err = f.cli_refused(&[
+        "mastership",
+        "move",
+        "--replica",
+        &tokyo,
+        &orphan,
+        "--to",
+        "tokyo",
+    ]);
+    assert!(err.contains("force"), "without --force: {err}");
+    let err = f.cli_refused(&[
+        "mastership",
+        "move",
+        "--replica",
+        &tokyo,
+        &orphan,
+        "--force",
+    ]);
+    assert!(
+        err.contains("not removed"),
+        "austin not declared gone: {err}"
+    );
+    let said = f.cli_ok(&["replica", "forget", "--replica", &tokyo, "austin"]);
+    assert!(said.contains("gone"), "{said}");
+    let moved = f.cli_ok(&[
+        "mastership",
+        "move",
+        "--replica",
+        &tokyo,
+        &orphan,
+        "--force",
+    ]);
+    assert!(moved.contains("now mastered by tokyo"), "{moved}");
+    let history = json_of(&f.cli_ok(&["records", "history", "--replica", &tokyo, &orphan]));
+    let last = history
+        .as_array()
+        .and_then(|h| h.last())
+        .cloned()
+        .expect("history");
+    assert_eq!(last["forcedFrom"], "austin", "{history}");
+    assert!(f.update(&tokyo, &orphan, "taken over").status.success());
+    f.push(&tokyo, &paris);
+    let at_paris = f.get(&paris, "record", &orphan).expect("at paris");
+    assert_eq!(at_paris["master"], "tokyo");
+    let err = f.cli_refused(&["replica", "forget", "--replica", &tokyo, "tokyo"]);
+    assert!(err.contains("cannot declare itself gone"), "{err}");
+}

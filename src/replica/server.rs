@@ -842,7 +842,13 @@ async fn item_history(
         Ok(Json(
             entries
                 .iter()
-                .map(|e| json!({"version": e.version, "origin": e.origin, "seq": e.seq, "state": ItemView::from(&e.state)}))
+                .map(|e| {
+                    let mut entry = json!({"version": e.version, "origin": e.origin, "seq": e.seq, "state": ItemView::from(&e.state)});
+                    if let Some(from) = &e.forced_from {
+                        entry["forcedFrom"] = json!(from);
+                    }
+                    entry
+                })
                 .collect(),
         ))
     })
@@ -1166,6 +1172,21 @@ async fn set_setting(
     .await
 }
 
+/// Declares a member gone for good, so that its items can be taken over by force.
+async fn forget_member(
+    State(r): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<StatusReport>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, replica| {
+        store.forget_member(&name)?;
+        tracing::warn!(member = %name, "member declared gone for good");
+        Ok(Json(replica.status(store)?))
+    })
+    .await
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RetireBody {
@@ -1202,6 +1223,7 @@ pub fn router(replica: Shared) -> Router {
         .route("/v1/clone", post(clone_replica))
         .route("/v1/backup", post(backup))
         .route("/v1/retire", post(retire))
+        .route("/v1/members/{name}/forget", post(forget_member))
         .route("/v1/schema-packages", post(apply_package))
         .route("/v1/settings", post(set_setting))
         .route("/v1/sync/import", post(import))

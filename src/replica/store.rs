@@ -150,6 +150,9 @@ pub struct HistoryEntry {
     pub origin: String,
     pub seq: u64,
     pub state: ItemState,
+    /// Set when this state came from a forced takeover: the removed master.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced_from: Option<String>,
 }
 
 /// A field filter of a query: field name and the value it must have.
@@ -941,6 +944,36 @@ impl Store {
         Ok(moved)
     }
 
+    /// Declares replica `name` gone for good (it cannot retire itself: its data is
+    /// lost). Its items can then be taken over by force. Refused for this replica
+    /// itself (use [`Store::retire`]) and for the last other member.
+    pub fn forget_member(&mut self, name: &str) -> Result<()> {
+        let me = self.identity.replica.clone();
+        if name == me {
+            return Err(StoreError::Invalid(format!(
+                "replica {me} cannot declare itself gone; remove it with `replica remove` instead"
+            )));
+        }
+        let peers = self.peers()?;
+        let Some(peer) = peers.iter().find(|p| p.name == name) else {
+            return Err(StoreError::Invalid(format!(
+                "{name} is not a member of family {}",
+                self.identity.family
+            )));
+        };
+        if !peer.active {
+            return Ok(());
+        }
+        self.commit_local(vec![Operation::Membership {
+            membership: Membership {
+                replica: name.to_string(),
+                id_tag: peer.id_tag.clone(),
+                active: false,
+            },
+        }])?;
+        Ok(())
+    }
+
     /// For a replica being removed: the active peers that have not yet acknowledged
     /// every change it made (empty once it can be deleted). `None` when it is not
     /// being removed.
@@ -1035,28 +1068,35 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq
+                "SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq, forced_from
                  FROM history WHERE kind = ?1 AND id = ?2
                  UNION ALL
-                 SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq
+                 SELECT kind, id, item_type, fields, master, version, deleted, owner, schema_version, origin, seq, forced_from
                  FROM items WHERE kind = ?1 AND id = ?2
                  ORDER BY version",
             )
             .map_err(StoreError::sql("preparing history"))?;
         let rows = stmt
             .query_map(params![kind_key(kind), id], |r| {
-                Ok((row_text(r)?, r.get::<_, String>(9)?, r.get::<_, u64>(10)?))
+                Ok((
+                    row_text(r)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, u64>(10)?,
+                    r.get::<_, Option<String>>(11)?,
+                ))
             })
             .map_err(StoreError::sql("reading history"))?;
         let mut out = Vec::new();
         for row in rows {
-            let (text, origin, seq) = row.map_err(StoreError::sql("reading history"))?;
+            let (text, origin, seq, forced_from) =
+                row.map_err(StoreError::sql("reading history"))?;
             let state = item_from_row(text)?;
             out.push(HistoryEntry {
                 version: state.version,
                 origin,
                 seq,
                 state,
+                forced_from,
             });
         }
         Ok(out)
