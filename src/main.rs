@@ -78,7 +78,7 @@ enum Command {
     /// incremental sync cost in a small and a large database, packet bytes per
     /// change. Prints figures; build with --release for meaningful numbers.
     Bench {
-        /// Scratch directory (its contents are removed).
+        /// Scratch directory (the benchmark's own files there are replaced and removed).
         #[arg(long, value_name = "DIR", default_value = "target/bench")]
         dir: PathBuf,
         /// Changes in the import throughput run.
@@ -406,11 +406,27 @@ enum SyncCommand {
         #[command(flatten)]
         access: Access,
     },
-    /// Import a packet file; prints what the replica now holds (its acknowledgement).
+    /// Import a packet file; prints what the replica now holds (its acknowledgement,
+    /// as JSON; `--report FILE` also writes it to a file for `sync acknowledge`).
     Import {
         #[arg(long, value_name = "URL")]
         replica: String,
         file: PathBuf,
+        /// Also write the acknowledgement to this file.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Give the sender of a packet file the receiver's acknowledgement (written by
+    /// `sync import --report`), so that its next export starts after what was imported.
+    Acknowledge {
+        /// URL of the replica that exported the packet.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The acknowledgement file.
+        #[arg(value_name = "REPORT")]
+        report: PathBuf,
         #[command(flatten)]
         access: Access,
     },
@@ -421,7 +437,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", explain(&err));
             ExitCode::from(1)
         }
     }
@@ -520,6 +536,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The error and its causes, each cause added only when the text so far does not
+/// already say it (our errors often include their cause in their own message).
+fn explain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -862,11 +894,37 @@ async fn sync_command(command: SyncCommand) -> anyhow::Result<ExitCode> {
         SyncCommand::Import {
             replica,
             file,
+            report: report_file,
             access,
         } => {
             let (client, _) = connect(&access)?;
             let report = r::import(&client, &replica, &file).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            let text = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = report_file {
+                std::fs::write(&path, &text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            }
+            println!("{text}");
+        }
+        SyncCommand::Acknowledge {
+            replica,
+            report,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let text = std::fs::read_to_string(&report)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", report.display()))?;
+            let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{} is not an import report: {e}", report.display())
+            })?;
+            let answer: serde_json::Value = client
+                .send_json(hyper::Method::POST, &replica, "/v1/sync/acknowledge", &body)
+                .await?;
+            println!(
+                "{} recorded what {} holds",
+                answer["replica"].as_str().unwrap_or("?"),
+                answer["acknowledged"].as_str().unwrap_or("?")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

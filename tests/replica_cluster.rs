@@ -475,7 +475,8 @@ fn client_release_that_cannot_open_the_feature_level_is_refused() {
         assert!(!out.status.success(), "{old} opened an FL 7 replica");
         let err = text(&out.stderr);
         assert!(err.contains(old), "{err}");
-        for newer in ["7.1.x", "8.0", "8.0.1.1"] {
+        // The releases it names are ones `--release` takes.
+        for newer in ["7.1", "8.0", "8.0.1.1"] {
             assert!(
                 err.contains(newer),
                 "the refusal does not name {newer}: {err}"
@@ -501,7 +502,13 @@ fn client_release_that_cannot_open_the_feature_level_is_refused() {
     let err = text(&get(Some("6.5")).stderr);
     assert!(err.contains("not in the compatibility data"), "{err}");
 
-    for ok in [None, Some("7.1.2"), Some("8.0"), Some("8.0.1.1")] {
+    for ok in [
+        None,
+        Some("7.1"),
+        Some("7.1.2"),
+        Some("8.0"),
+        Some("8.0.1.1"),
+    ] {
         let out = get(ok);
         assert!(out.status.success(), "{ok:?}: {}", text(&out.stderr));
         assert!(
@@ -529,7 +536,10 @@ fn client_release_that_cannot_open_the_feature_level_is_refused() {
         "8",
     ]);
     let err = text(&get(Some("8.0")).stderr);
-    assert!(err.contains("8.0.1.1") && !err.contains("7.1.x"), "{err}");
+    assert!(
+        err.contains("upgrade the client to 8.0.1.1") && !err.contains("7.1"),
+        "{err}"
+    );
     assert!(get(None).status.success());
 }
 
@@ -1036,4 +1046,109 @@ fn a_forced_takeover_needs_the_flag_and_a_master_declared_gone_and_is_recorded()
     assert_eq!(at_paris["master"], "tokyo");
     let err = f.cli_refused(&["replica", "forget", "--replica", &tokyo, "tokyo"]);
     assert!(err.contains("cannot declare itself gone"), "{err}");
+}
+
+#[test]
+fn packet_files_carry_acknowledgements_back_and_clones_number_after_the_highest_id() {
+    let t = three("files-ack", 7);
+    let f = &t.family;
+    let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
+    for i in 0..5 {
+        f.create(tokyo, &format!("r{i}"));
+    }
+    let packet = f.data("first.pkt");
+    let report = f.data("first.ack");
+    f.cli_ok(&[
+        "sync",
+        "export",
+        "--replica",
+        tokyo,
+        "--peer",
+        "paris",
+        "--out",
+        path_str(&packet),
+    ]);
+    f.cli_ok(&[
+        "sync",
+        "import",
+        "--replica",
+        paris,
+        path_str(&packet),
+        "--report",
+        path_str(&report),
+    ]);
+    // Without the acknowledgement tokyo would export the same changes again.
+    let again = f.data("again.pkt");
+    f.cli_ok(&[
+        "sync",
+        "export",
+        "--replica",
+        tokyo,
+        "--peer",
+        "paris",
+        "--out",
+        path_str(&again),
+    ]);
+    let unacknowledged = std::fs::metadata(&again).expect("packet").len();
+    let said = f.cli_ok(&["sync", "acknowledge", "--replica", tokyo, path_str(&report)]);
+    assert!(said.contains("tokyo recorded what paris holds"), "{said}");
+    f.cli_ok(&[
+        "sync",
+        "export",
+        "--replica",
+        tokyo,
+        "--peer",
+        "paris",
+        "--out",
+        path_str(&again),
+    ]);
+    let acknowledged = std::fs::metadata(&again).expect("packet").len();
+    assert!(
+        acknowledged < unacknowledged,
+        "{acknowledged} >= {unacknowledged}"
+    );
+
+    // A replica cloned now numbers its records after the highest number it holds.
+    f.clone_replica(tokyo, "lyon");
+    let lyon = f.serve("lyon");
+    let id = f.create(&lyon.url, "at lyon");
+    let number: u64 = id
+        .trim_start_matches("SAMPL")
+        .trim_end_matches(char::is_alphabetic)
+        .parse()
+        .expect("a number");
+    assert!(number > 5, "{id}");
+
+    // A user deleted and created again exists again.
+    f.cli_ok(&[
+        "records",
+        "create",
+        "--replica",
+        tokyo,
+        "--kind",
+        "user",
+        "--owner",
+        "alice",
+    ]);
+    f.cli_ok(&[
+        "records",
+        "delete",
+        "--replica",
+        tokyo,
+        "--kind",
+        "user",
+        "alice",
+    ]);
+    f.cli_ok(&[
+        "records",
+        "create",
+        "--replica",
+        tokyo,
+        "--kind",
+        "user",
+        "--owner",
+        "alice",
+    ]);
+    let alice = f.get(tokyo, "user", "alice").expect("alice");
+    assert!(alice.get("deleted").is_none_or(|d| d == false), "{alice}");
 }

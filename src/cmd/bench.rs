@@ -142,7 +142,7 @@ fn incremental_sync(
     std::fs::create_dir_all(&target_dir)?;
     let tag = source.snapshot_for_clone("target", &target_dir.join(DB_FILE))?;
     let mut target = Store::adopt_clone(
-        &target_dir,
+        &target_dir.join(DB_FILE),
         "target",
         &tag,
         &source.identity().replica.clone(),

@@ -226,6 +226,17 @@ impl Compatibility {
             .collect()
     }
 
+    /// Concrete versions (the first prefix of each row) of the releases that open
+    /// feature level `fl`, oldest first: what a person can pass as a release.
+    pub fn release_versions_supporting(&self, fl: FeatureLevel) -> Vec<&str> {
+        self.doc
+            .releases
+            .iter()
+            .filter(|r| r.feature_levels.contains(&fl))
+            .filter_map(|r| r.matches.first().map(String::as_str))
+            .collect()
+    }
+
     /// The newest release in the data.
     pub fn newest_release(&self) -> &ReleaseRow {
         // `from_document` refuses an empty list.

@@ -668,7 +668,7 @@ fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiRe
                         "client release {release} cannot open this replica: it is at feature level {} (schema repository) / {} (user database) and {release} does not support FL {fl}; upgrade the client to {}",
                         levels.schema_repository,
                         levels.user_database,
-                        replica.compat.releases_supporting(fl).join(" or ")
+                        replica.compat.release_versions_supporting(fl).join(" or ")
                     ),
                 ));
             }
@@ -876,6 +876,12 @@ async fn move_mastership(
         check_release(replica, store, &headers)?;
         let me = store.identity().replica.clone();
         let moved = match body.to {
+            Some(to) if to != me && body.force => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("a forced takeover makes this replica ({me}) the master; leave out the new master {to}, or leave out force"),
+                ));
+            }
             Some(to) if to != me => store.move_mastership(kind, &id, &to)?,
             _ => {
                 let item = store.take_over(kind, &id, body.force)?;
@@ -956,6 +962,30 @@ async fn export(
         let bytes = codec::encode(&header, &changes, &replica.secret.packets)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         Ok(([("content-type", "application/octet-stream")], bytes).into_response())
+    })
+    .await
+}
+
+/// Records a receiver's report of what it committed (the answer of an import of a
+/// packet file, carried back by hand), so that the next export starts after it.
+async fn acknowledge(
+    State(r): State<Shared>,
+    headers: HeaderMap,
+    Json(report): Json<ImportReport>,
+) -> ApiResult<Json<Value>> {
+    authorize(&r, &headers)?;
+    r.with_store(move |store, _| {
+        if !store.peers()?.iter().any(|p| p.name == report.replica) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{} is not a member of this family", report.replica),
+            ));
+        }
+        store.record_acknowledgement(&report.replica, report.incarnation, &report.epochs)?;
+        store.confirm_member(&report.replica)?;
+        Ok(Json(
+            json!({"replica": store.identity().replica, "acknowledged": report.replica}),
+        ))
     })
     .await
 }
@@ -1229,6 +1259,7 @@ pub fn router(replica: Shared) -> Router {
         .route("/v1/sync/import", post(import))
         .route("/v1/sync/export", get(export))
         .route("/v1/sync/push", post(push))
+        .route("/v1/sync/acknowledge", post(acknowledge))
         .route("/v1/{kind}", get(list_items).post(create_item))
         .route(
             "/v1/{kind}/{id}",

@@ -431,9 +431,22 @@ impl Store {
             )));
         }
         if let Some(waiting) = get_meta(&tx, "restoring")? {
-            return Err(StoreError::Invalid(format!(
-                "replica {me} was restored from a backup and makes no changes until every peer has re-sent what it lost (waiting for: {waiting})"
-            )));
+            // Members removed since the backup are not waited for.
+            let still: Vec<&str> = waiting
+                .split(',')
+                .filter(|p| {
+                    tx.query_row("SELECT active FROM peers WHERE name = ?1", [p], |r| {
+                        r.get::<_, bool>(0)
+                    })
+                    .unwrap_or(false)
+                })
+                .collect();
+            if !still.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "replica {me} was restored from a backup and makes no changes until every peer has re-sent what it lost (waiting for: {})",
+                    still.join(", ")
+                )));
+            }
         }
         let mut seq = epoch_of(&tx, &me)?;
         let mut apply = Apply::start(&tx, &me)?;
@@ -552,8 +565,15 @@ impl Store {
                 )
             }
         };
-        if kind == ItemKind::User && self.get_item(kind, &id)?.is_some_and(|u| !u.deleted) {
-            return Err(StoreError::Invalid(format!("user {id} already exists")));
+        // A user's name is its id: a deleted user comes back as a newer version.
+        let mut version = 1;
+        if kind == ItemKind::User
+            && let Some(existing) = self.get_item(kind, &id)?
+        {
+            if !existing.deleted {
+                return Err(StoreError::Invalid(format!("user {id} already exists")));
+            }
+            version = existing.version + 1;
         }
         let item = ItemState {
             kind,
@@ -561,7 +581,7 @@ impl Store {
             item_type: item_type.to_string(),
             fields,
             master: self.identity.replica.clone(),
-            version: 1,
+            version,
             deleted: false,
             owner: owner.map(str::to_string),
             schema_version: levels.user_database_schema_version,
@@ -946,7 +966,7 @@ impl Store {
 
     /// Declares replica `name` gone for good (it cannot retire itself: its data is
     /// lost). Its items can then be taken over by force. Refused for this replica
-    /// itself (use [`Store::retire`]) and for the last other member.
+    /// itself (use [`Store::retire`]).
     pub fn forget_member(&mut self, name: &str) -> Result<()> {
         let me = self.identity.replica.clone();
         if name == me {
@@ -971,6 +991,7 @@ impl Store {
                 active: false,
             },
         }])?;
+        self.confirm_member(name)?;
         Ok(())
     }
 
@@ -1568,8 +1589,11 @@ impl Store {
         set_meta(&tx, "replica", name)?;
         set_meta(&tx, "id_tag", tag)?;
         set_meta(&tx, "incarnation", "1")?;
-        set_meta(&tx, "next_record_number", "1")?;
+        // next_record_number stays the source's: new ids follow the highest number seen.
         set_meta(&tx, "next_child_tag", "0")?;
+        // The source's pending clones are the source's to make again, not this copy's.
+        tx.execute("DELETE FROM meta WHERE key LIKE 'pending_clone:%'", [])
+            .map_err(StoreError::sql("adopting the copy"))?;
         tx.execute("DELETE FROM held_packets", [])
             .map_err(StoreError::sql("adopting the copy"))?;
         for kind in [ItemKind::Record, ItemKind::WorkspaceItem, ItemKind::User] {
@@ -1643,10 +1667,22 @@ impl Store {
     }
 
     /// Peers a restored replica still waits for; empty when it is not restoring.
+    /// Members removed or declared gone since the backup are not waited for.
     pub fn restoring(&self) -> Result<Vec<String>> {
-        Ok(get_meta(&self.conn, "restoring")?
-            .map(|v| v.split(',').map(str::to_string).collect())
-            .unwrap_or_default())
+        let Some(waiting) = get_meta(&self.conn, "restoring")? else {
+            return Ok(Vec::new());
+        };
+        let active: Vec<String> = self
+            .peers()?
+            .into_iter()
+            .filter(|p| p.active)
+            .map(|p| p.name)
+            .collect();
+        Ok(waiting
+            .split(',')
+            .filter(|p| active.iter().any(|a| a == p))
+            .map(str::to_string)
+            .collect())
     }
 
     /// A restored replica received a packet (possibly empty) from `peer` made for
@@ -1707,6 +1743,19 @@ impl Store {
             let t: String = r.get(2).map_err(StoreError::sql("digesting"))?;
             feed(&["schema", &v.to_string(), &p, &t]);
         }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key, value, version FROM settings ORDER BY key")
+            .map_err(StoreError::sql("digesting"))?;
+        let mut rows = stmt.query([]).map_err(StoreError::sql("digesting"))?;
+        while let Some(r) = rows.next().map_err(StoreError::sql("digesting"))? {
+            let k: String = r.get(0).map_err(StoreError::sql("digesting"))?;
+            let v: String = r.get(1).map_err(StoreError::sql("digesting"))?;
+            let n: i64 = r.get(2).map_err(StoreError::sql("digesting"))?;
+            feed(&["setting", &k, &v, &n.to_string()]);
+        }
+        drop(rows);
+        drop(stmt);
         let mut stmt = self
             .conn
             .prepare("SELECT name, id_tag, active FROM peers ORDER BY name")
