@@ -647,6 +647,20 @@ fn a_replica_restored_from_a_backup_gets_back_what_it_lost_and_reuses_no_number(
     let lost_epoch = f.status(&paris.url)["epochs"]["paris"]
         .as_u64()
         .expect("epoch");
+    // A packet from paris that never reached tokyo: after the restore those changes
+    // never happened, so tokyo must refuse it.
+    f.create(&paris.url, "lost and never sent");
+    let from_old_paris = f.data("from-old-paris.pkt");
+    f.cli_ok(&[
+        "sync",
+        "export",
+        "--replica",
+        &paris.url,
+        "--peer",
+        "tokyo",
+        "--out",
+        path_str(&from_old_paris),
+    ]);
     f.create(&tokyo.url, "for the old incarnation");
     let stale = f.data("stale.pkt");
     f.cli_ok(&[
@@ -721,6 +735,14 @@ fn a_replica_restored_from_a_backup_gets_back_what_it_lost_and_reuses_no_number(
         "{status}"
     );
     assert_eq!(status["epochs"]["paris"].as_u64(), Some(lost_epoch));
+    let err = f.cli_refused(&[
+        "sync",
+        "import",
+        "--replica",
+        &tokyo.url,
+        path_str(&from_old_paris),
+    ]);
+    assert!(err.contains("restored from a backup since"), "{err}");
 
     // New changes continue after the lost ones: the peers apply them, none is
     // taken for a duplicate.

@@ -214,7 +214,7 @@ impl Replica {
             accepts_min: accepts.iter().copied().min().unwrap_or(creates),
             accepts_max: accepts.iter().copied().max().unwrap_or(creates),
         });
-        let held = store.held_packets()?;
+        let held = store.held_packet_list()?;
         let id = store.identity().clone();
         let mastered = store
             .mastered_counts()?
@@ -307,6 +307,18 @@ impl Replica {
                 ),
             ));
         }
+        if h.sender_incarnation < store.peer_incarnation(&h.sender)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "packet refused: it was made by incarnation {} of {}, which has been restored from a backup since",
+                    h.sender_incarnation, h.sender
+                ),
+            ));
+        }
+        store.saw_peer_incarnation(&h.sender, h.sender_incarnation)?;
+        // A packet from a new replica shows it is running: its clone is done.
+        store.confirm_member(&h.sender)?;
         let pair = Self::pair(store)?;
         let version = i32::from(h.packet_version);
         let mut report = ImportReport {
@@ -328,8 +340,8 @@ impl Replica {
                 store.import_texts(&packet.changes, Some(&packet.texts))?;
             report.applied = outcome.applied;
             report.skipped = outcome.skipped;
-            if outcome.blocked.is_none() {
-                // Made for this incarnation and imported whole: the sender re-sent all it had.
+            if outcome.blocked.is_none() && packet.changes.is_empty() {
+                // A sender ends what it re-sends to a restored replica with an empty packet.
                 store.heard_after_restore(&h.sender)?;
             }
             if let Some(reason) = outcome.blocked {
@@ -357,6 +369,15 @@ impl Replica {
                     continue;
                 }
                 let packet = match codec::decode(&held.bytes, &self.secret.packets, &self.limits) {
+                    Ok(p)
+                        if p.header.sender_incarnation
+                            < store.peer_incarnation(&p.header.sender)? =>
+                    {
+                        // Made before its sender was restored: its changes may never have happened.
+                        store.release_held(held.id)?;
+                        tracing::warn!(sender = %held.sender, id = held.id, "held packet from an older incarnation dropped");
+                        continue;
+                    }
                     Ok(p) => p,
                     Err(e) => {
                         store.update_held_reason(held.id, &format!("cannot be decoded: {e}"))?;
@@ -489,7 +510,8 @@ impl Replica {
             if count == 0 {
                 return Ok(report);
             }
-            if lag_after == 0 {
+            // A restored peer still gets the closing empty packet on the next round.
+            if lag_after == 0 && !peer_restoring {
                 return Ok(report);
             }
         }
@@ -695,7 +717,6 @@ async fn create_item(
     headers: HeaderMap,
     Json(body): Json<CreateBody>,
 ) -> ApiResult<(StatusCode, Json<ItemView>)> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -724,7 +745,6 @@ async fn get_item(
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Json<ItemView>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -749,7 +769,6 @@ async fn update_item(
     headers: HeaderMap,
     Json(body): Json<UpdateBody>,
 ) -> ApiResult<Json<ItemView>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -780,7 +799,6 @@ async fn delete_item(
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Json<ItemView>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -795,7 +813,6 @@ async fn list_items(
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Vec<ItemView>>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -831,7 +848,6 @@ async fn item_history(
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Vec<Value>>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -870,7 +886,6 @@ async fn move_mastership(
     headers: HeaderMap,
     Json(body): Json<MastershipBody>,
 ) -> ApiResult<Json<Vec<ItemView>>> {
-    authorize(&r, &headers)?;
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -894,14 +909,12 @@ async fn move_mastership(
     .await
 }
 
-async fn status(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<StatusReport>> {
-    authorize(&r, &headers)?;
+async fn status(State(r): State<Shared>) -> ApiResult<Json<StatusReport>> {
     r.with_store(|store, replica| Ok(Json(replica.status(store)?)))
         .await
 }
 
-async fn digest(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    authorize(&r, &headers)?;
+async fn digest(State(r): State<Shared>) -> ApiResult<Json<Value>> {
     r.with_store(|store, _| {
         let (digest, items) = store.digest()?;
         Ok(Json(
@@ -911,12 +924,7 @@ async fn digest(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<V
     .await
 }
 
-async fn import(
-    State(r): State<Shared>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<ImportReport>> {
-    authorize(&r, &headers)?;
+async fn import(State(r): State<Shared>, body: Bytes) -> ApiResult<Json<ImportReport>> {
     r.with_store(move |store, replica| Ok(Json(replica.import_packet(store, &body)?)))
         .await
 }
@@ -926,12 +934,7 @@ struct ExportQuery {
     peer: String,
 }
 
-async fn export(
-    State(r): State<Shared>,
-    Query(q): Query<ExportQuery>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    authorize(&r, &headers)?;
+async fn export(State(r): State<Shared>, Query(q): Query<ExportQuery>) -> ApiResult<Response> {
     r.with_store(move |store, replica| {
         let pair = Replica::pair(store)?;
         if let Some(blocked) = replica.sync_blocked(pair) {
@@ -970,10 +973,8 @@ async fn export(
 /// packet file, carried back by hand), so that the next export starts after it.
 async fn acknowledge(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(report): Json<ImportReport>,
 ) -> ApiResult<Json<Value>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, _| {
         if !store.peers()?.iter().any(|p| p.name == report.replica) {
             return Err(ApiError::new(
@@ -996,12 +997,7 @@ struct PushBody {
     to: String,
 }
 
-async fn push(
-    State(r): State<Shared>,
-    headers: HeaderMap,
-    Json(body): Json<PushBody>,
-) -> ApiResult<Json<PushReport>> {
-    authorize(&r, &headers)?;
+async fn push(State(r): State<Shared>, Json(body): Json<PushBody>) -> ApiResult<Json<PushReport>> {
     Ok(Json(r.push(&body.to).await?))
 }
 
@@ -1015,10 +1011,8 @@ struct UpgradeBody {
 
 async fn upgrade(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(body): Json<UpgradeBody>,
 ) -> ApiResult<Json<StatusReport>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, replica| {
         let pair = Replica::pair(store)?;
         let refuse =
@@ -1066,8 +1060,7 @@ async fn upgrade(
 }
 
 /// A consistent copy of this replica's database (a backup).
-async fn backup(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
-    authorize(&r, &headers)?;
+async fn backup(State(r): State<Shared>) -> ApiResult<Response> {
     r.with_store(move |store, _| {
         let dir = store
             .path()
@@ -1098,10 +1091,8 @@ struct CloneBody {
 /// bytes with the new replica's id tag in `x-multisite-id-tag`.
 async fn clone_replica(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(body): Json<CloneBody>,
 ) -> ApiResult<Response> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, _| {
         let dir = store.path().parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let tmp = dir.join(format!(".clone-{}.db", body.replica));
@@ -1135,10 +1126,8 @@ struct PackageBody {
 /// Applies a schema package (at the replica that masters the schema repository).
 async fn apply_package(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(body): Json<PackageBody>,
 ) -> ApiResult<Json<crate::packet::change::SchemaVersion>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, _| {
         for t in &body.record_types {
             for f in &t.fields {
@@ -1168,10 +1157,8 @@ struct SettingBody {
 /// master, only at its current master).
 async fn set_setting(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(body): Json<SettingBody>,
 ) -> ApiResult<Json<StatusReport>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, replica| {
         use crate::packet::change::{GATEWAY_REPLICA, SCHEMA_MASTER};
         let members = store.peers()?;
@@ -1206,9 +1193,7 @@ async fn set_setting(
 async fn forget_member(
     State(r): State<Shared>,
     Path(name): Path<String>,
-    headers: HeaderMap,
 ) -> ApiResult<Json<StatusReport>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, replica| {
         store.forget_member(&name)?;
         tracing::warn!(member = %name, "member declared gone for good");
@@ -1226,10 +1211,8 @@ struct RetireBody {
 /// Starts removing this replica: its mastership moves to `to` and it stops making changes.
 async fn retire(
     State(r): State<Shared>,
-    headers: HeaderMap,
     Json(body): Json<RetireBody>,
 ) -> ApiResult<Json<StatusReport>> {
-    authorize(&r, &headers)?;
     r.with_store(move |store, replica| {
         let moved = store.retire(&body.to)?;
         tracing::warn!(to = %body.to, moved, "replica leaving the family; mastership moved");
@@ -1242,11 +1225,22 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// Refuses, before any body is read, calls without the family's token.
+async fn require_token(
+    State(r): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&r, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
 /// The HTTP API.
 pub fn router(replica: Shared) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+    let packet_limit = replica.limits.max_packet_bytes;
+    let api = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/digest", get(digest))
         .route("/v1/upgrade", post(upgrade))
@@ -1256,7 +1250,10 @@ pub fn router(replica: Shared) -> Router {
         .route("/v1/members/{name}/forget", post(forget_member))
         .route("/v1/schema-packages", post(apply_package))
         .route("/v1/settings", post(set_setting))
-        .route("/v1/sync/import", post(import))
+        .route(
+            "/v1/sync/import",
+            post(import).layer(axum::extract::DefaultBodyLimit::max(packet_limit)),
+        )
         .route("/v1/sync/export", get(export))
         .route("/v1/sync/push", post(push))
         .route("/v1/sync/acknowledge", post(acknowledge))
@@ -1267,6 +1264,13 @@ pub fn router(replica: Shared) -> Router {
         )
         .route("/v1/{kind}/{id}/history", get(item_history))
         .route("/v1/{kind}/{id}/mastership", post(move_mastership))
-        .layer(axum::extract::DefaultBodyLimit::max(512 * 1024 * 1024))
+        .route_layer(axum::middleware::from_fn_with_state(
+            replica.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
+        .merge(api)
         .with_state(replica)
 }

@@ -241,6 +241,9 @@ fn meta_number<T: std::str::FromStr>(conn: &Connection, key: &str) -> Result<T> 
         .map_err(|_| StoreError::Corrupt(format!("meta key {key} is not a number")))
 }
 
+/// Record numbers stay below this, so the counter can never wrap around.
+const MAX_RECORD_NUMBER: u64 = 1 << 53;
+
 /// The number inside a record id (`SAMPL00042B` -> 42); 0 when it has none.
 fn record_number(prefix: &str, id: &str) -> u64 {
     id.strip_prefix(prefix)
@@ -416,16 +419,30 @@ impl Store {
 
     /// Records `ops` as this replica's next changes and applies them, in one transaction.
     fn commit_local(&mut self, ops: Vec<Operation>) -> Result<Vec<Change>> {
+        self.commit_local_with(ops, &[], false)
+    }
+
+    /// [`Store::commit_local`], also writing `meta` entries in the same transaction;
+    /// `leaving` lets a replica being removed still hand over mastership.
+    fn commit_local_with(
+        &mut self,
+        ops: Vec<Operation>,
+        meta: &[(&str, &str)],
+        leaving: bool,
+    ) -> Result<Vec<Change>> {
         let me = self.identity.replica.clone();
         let family = self.identity.family.clone();
         let tx = self.transaction("starting a local change")?;
+        for (key, value) in meta {
+            set_meta(&tx, key, value)?;
+        }
         let active: Option<bool> = tx
             .query_row("SELECT active FROM peers WHERE name = ?1", [&me], |r| {
                 r.get(0)
             })
             .optional()
             .map_err(StoreError::sql("reading membership"))?;
-        if active == Some(false) {
+        if active == Some(false) && !leaving {
             return Err(StoreError::Invalid(format!(
                 "replica {me} is being removed from family {family}: it makes no more changes"
             )));
@@ -565,7 +582,8 @@ impl Store {
                 )
             }
         };
-        // A user's name is its id: a deleted user comes back as a newer version.
+        // A user's name is its id: a deleted user comes back as a newer version, made
+        // where its tombstone is mastered.
         let mut version = 1;
         if kind == ItemKind::User
             && let Some(existing) = self.get_item(kind, &id)?
@@ -573,7 +591,26 @@ impl Store {
             if !existing.deleted {
                 return Err(StoreError::Invalid(format!("user {id} already exists")));
             }
+            if existing.master != self.identity.replica {
+                return Err(StoreError::Invalid(format!(
+                    "user {id} was deleted at replica {}; create it again there",
+                    existing.master
+                )));
+            }
             version = existing.version + 1;
+        }
+        // A workspace item is made where its owner's user record is mastered.
+        if kind == ItemKind::WorkspaceItem
+            && let Some(owner) = owner
+            && let Some(user) = self.get_item(ItemKind::User, owner)?
+            && user.master != self.identity.replica
+        {
+            return Err(StoreError::Refused(
+                mastership::Refusal::UserMasteredElsewhere {
+                    user: owner.to_string(),
+                    master: Master::At(user.master),
+                },
+            ));
         }
         let item = ItemState {
             kind,
@@ -914,6 +951,8 @@ impl Store {
             )));
         }
         let peers = self.peers()?;
+        // Run again after it left, it hands over what it was given meanwhile.
+        let already_left = peers.iter().any(|p| p.name == me && !p.active);
         if !peers.iter().any(|p| p.name == to && p.active) {
             return Err(StoreError::Invalid(format!(
                 "replica {to} is not an active member of family {}",
@@ -953,14 +992,18 @@ impl Store {
             .find(|p| p.name == me)
             .map(|p| p.id_tag.clone())
             .unwrap_or_default();
-        ops.push(Operation::Membership {
-            membership: Membership {
-                replica: me,
-                id_tag: tag,
-                active: false,
-            },
-        });
-        self.commit_local(ops)?;
+        if !already_left {
+            ops.push(Operation::Membership {
+                membership: Membership {
+                    replica: me,
+                    id_tag: tag,
+                    active: false,
+                },
+            });
+        }
+        if !ops.is_empty() {
+            self.commit_local_with(ops, &[], already_left)?;
+        }
         Ok(moved)
     }
 
@@ -984,13 +1027,29 @@ impl Store {
         if !peer.active {
             return Ok(());
         }
-        self.commit_local(vec![Operation::Membership {
+        let mut ops = vec![Operation::Membership {
             membership: Membership {
                 replica: name.to_string(),
                 id_tag: peer.id_tag.clone(),
                 active: false,
             },
-        }])?;
+        }];
+        // What the lost replica held for the family (the schema repository, the
+        // gateway pin) comes here, recorded like any change.
+        for key in [SCHEMA_MASTER, GATEWAY_REPLICA] {
+            if let Some((value, version)) = self.setting(key)?
+                && value == name
+            {
+                ops.push(Operation::Setting {
+                    setting: Setting {
+                        key: key.to_string(),
+                        value: me.clone(),
+                        version: version + 1,
+                    },
+                });
+            }
+        }
+        self.commit_local(ops)?;
         self.confirm_member(name)?;
         Ok(())
     }
@@ -1005,14 +1064,20 @@ impl Store {
             return Ok(None);
         }
         let mine = self.epochs()?.get(me).copied().unwrap_or(0);
-        Ok(Some(
-            peers
-                .iter()
-                .filter(|p| p.active && &p.name != me)
-                .filter(|p| p.acknowledged.get(me).copied().unwrap_or(0) < mine)
-                .map(|p| p.name.clone())
-                .collect(),
-        ))
+        let mut pending: Vec<String> = peers
+            .iter()
+            .filter(|p| p.active && &p.name != me)
+            .filter(|p| p.acknowledged.get(me).copied().unwrap_or(0) < mine)
+            .map(|p| p.name.clone())
+            .collect();
+        // Items that reached it after it left must be handed over too.
+        let still: u64 = self.mastered_counts()?.values().sum();
+        if still > 0 {
+            pending.push(format!(
+                "{still} item(s) still mastered here: run `replica remove` again"
+            ));
+        }
+        Ok(Some(pending))
     }
 
     /// Takes mastership of an item from a replica that was removed from the family.
@@ -1290,6 +1355,18 @@ impl Store {
     ) -> Result<()> {
         let me = self.identity.replica.clone();
         let tx = self.transaction("recording an acknowledgement")?;
+        let known: Option<u64> = tx
+            .query_row(
+                "SELECT incarnation FROM peers WHERE name = ?1",
+                [peer],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::sql("recording an acknowledgement"))?;
+        if known.is_some_and(|k| incarnation < k) {
+            // A report from before the peer's restore says nothing about it now.
+            return Ok(());
+        }
         tx.execute(
             "UPDATE peers SET incarnation = ?2 WHERE name = ?1",
             params![peer, incarnation],
@@ -1377,7 +1454,9 @@ impl Store {
                 change,
                 texts.and_then(|t| t.get(i)).map(String::as_str),
             )?;
-            if let Operation::PutItem { item, .. } = &change.op {
+            if let Operation::PutItem { item, .. } = &change.op
+                && item.kind != ItemKind::User
+            {
                 highest_number = highest_number.max(record_number(&prefix, &item.id));
             }
             held.insert(change.origin.clone(), change.seq);
@@ -1391,7 +1470,7 @@ impl Store {
         // replica keep arriving at the end of the id order (cheap appends) while the
         // tag keeps them unique.
         let next: u64 = meta_number(&tx, "next_record_number")?;
-        if highest_number >= next {
+        if highest_number >= next && highest_number < MAX_RECORD_NUMBER {
             set_meta(&tx, "next_record_number", &(highest_number + 1).to_string())?;
         }
         tx.commit()
@@ -1414,6 +1493,28 @@ impl Store {
             )
             .map_err(StoreError::sql("holding a packet"))?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Held packets without their bytes (for status reports).
+    pub fn held_packet_list(&self) -> Result<Vec<HeldPacket>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, sender, packet_version, reason, received_at FROM held_packets ORDER BY id")
+            .map_err(StoreError::sql("reading held packets"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(HeldPacket {
+                    id: r.get(0)?,
+                    sender: r.get(1)?,
+                    packet_version: r.get(2)?,
+                    reason: r.get(3)?,
+                    received_at: r.get(4)?,
+                    bytes: Vec::new(),
+                })
+            })
+            .map_err(StoreError::sql("reading held packets"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(StoreError::sql("reading held packets"))
     }
 
     pub fn held_packets(&self) -> Result<Vec<HeldPacket>> {
@@ -1528,15 +1629,21 @@ impl Store {
                 }
                 let index: u64 = meta_number(&self.conn, "next_child_tag")?;
                 let tag = child_id_tag(&self.identity.id_tag, index);
-                set_meta(&self.conn, "next_child_tag", &(index + 1).to_string())?;
-                set_meta(&self.conn, &pending_key, &tag)?;
-                self.commit_local(vec![Operation::Membership {
-                    membership: Membership {
-                        replica: new_replica.to_string(),
-                        id_tag: tag.clone(),
-                        active: true,
-                    },
-                }])?;
+                let next = (index + 1).to_string();
+                self.commit_local_with(
+                    vec![Operation::Membership {
+                        membership: Membership {
+                            replica: new_replica.to_string(),
+                            id_tag: tag.clone(),
+                            active: true,
+                        },
+                    }],
+                    &[
+                        ("next_child_tag", next.as_str()),
+                        (pending_key.as_str(), tag.as_str()),
+                    ],
+                    false,
+                )?;
                 tag
             }
         };
@@ -1664,6 +1771,30 @@ impl Store {
             set_meta(&conn, "restoring", &peers.join(","))?;
         }
         Store::open_conn(conn, path.to_path_buf())
+    }
+
+    /// The incarnation this replica last knew `peer` at (0 when unknown).
+    pub fn peer_incarnation(&self, peer: &str) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT incarnation FROM peers WHERE name = ?1",
+                [peer],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(StoreError::sql("reading a peer"))
+    }
+
+    /// Raises what this replica knows of `peer`'s incarnation (a packet from it said so).
+    pub fn saw_peer_incarnation(&mut self, peer: &str, incarnation: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE peers SET incarnation = ?2 WHERE name = ?1 AND incarnation < ?2",
+                params![peer, incarnation],
+            )
+            .map(|_| ())
+            .map_err(StoreError::sql("recording a peer's incarnation"))
     }
 
     /// Peers a restored replica still waits for; empty when it is not restoring.
@@ -2004,6 +2135,7 @@ impl<'a> Apply<'a> {
             change.seq,
             forced_from
         ];
+        let mut tie = false;
         // Most changes create an item: try that first, in one statement.
         let created = tx
             .prepare_cached(
@@ -2013,20 +2145,23 @@ impl<'a> Apply<'a> {
             .and_then(|mut s| s.execute(row))
             .map_err(StoreError::sql("writing an item"))?;
         if created == 0 {
-            let (master, deleted, version): (String, bool, u64) = tx
+            let (master, deleted, version, origin): (String, bool, u64, String) = tx
                 .prepare_cached(
-                    "SELECT master, deleted, version FROM items WHERE kind = ?1 AND id = ?2",
+                    "SELECT master, deleted, version, origin FROM items WHERE kind = ?1 AND id = ?2",
                 )
                 .and_then(|mut s| {
                     s.query_row(params![kind, item.id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                     })
                 })
                 .map_err(StoreError::sql("reading an item"))?;
-            if version >= item.version {
-                // Already at this state or a newer one: applying again changes nothing.
-                return Ok(version == item.version);
+            // The newer state wins; two states of one version (made at two replicas at
+            // once, which mastership should prevent) are settled by the origin's name,
+            // the same way everywhere, so replicas still converge.
+            if (version, origin.as_str()) >= (item.version, change.origin.as_str()) {
+                return Ok(false);
             }
+            tie = version == item.version;
             // The state being replaced moves to the history.
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO history (kind, id, version, item_type, fields, master, deleted, owner, schema_version, origin, seq, forced_from)
@@ -2048,7 +2183,8 @@ impl<'a> Apply<'a> {
         if item.master == self.me && !item.deleted {
             *self.mastered.entry(item.kind).or_default() += 1;
         }
-        Ok(true)
+        // A tie leaves two states under one version: log the text, not a pointer.
+        Ok(!tie)
     }
 }
 
@@ -2092,10 +2228,25 @@ fn trim(tx: &Connection, me: &str) -> Result<()> {
                 .unwrap_or(0);
             floor = floor.min(seq);
         }
-        if floor > 0 {
-            tx.execute(
-                "DELETE FROM changes WHERE origin = ?1 AND seq <= ?2 AND logged_at <= ?3",
+        if floor == 0 {
+            continue;
+        }
+        // Entries are logged in sequence order, so the first one still inside the
+        // retention time ends what may go. Finding it costs what is deleted, not the
+        // size of the log.
+        let young: Option<u64> = tx
+            .query_row(
+                "SELECT seq FROM changes WHERE origin = ?1 AND seq <= ?2 AND logged_at > ?3 ORDER BY seq LIMIT 1",
                 params![origin, floor, cutoff],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(StoreError::sql("trimming"))?;
+        let upto = young.map_or(floor, |seq| seq.saturating_sub(1));
+        if upto > 0 {
+            tx.execute(
+                "DELETE FROM changes WHERE origin = ?1 AND seq <= ?2",
+                params![origin, upto],
             )
             .map_err(StoreError::sql("trimming"))?;
         }

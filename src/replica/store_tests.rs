@@ -396,3 +396,36 @@ fn a_change_needing_a_newer_schema_is_held_until_the_upgrade() {
     let outcome = b.import(&changes).unwrap();
     assert_eq!((outcome.applied, outcome.skipped), (1, 1));
 }
+
+#[test]
+fn two_states_of_one_version_settle_the_same_way_everywhere() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let (left, right) = stores.split_at_mut(1);
+    let a = &mut left[0];
+    let (mid, last) = right.split_at_mut(1);
+    let b = &mut mid[0];
+    let c = &mut last[0];
+    // The same user name made at two replicas at once: one version, two states.
+    a.create_item(ItemKind::User, "user", BTreeMap::new(), Some("alice"))
+        .unwrap();
+    b.create_item(ItemKind::User, "user", BTreeMap::new(), Some("alice"))
+        .unwrap();
+    // c hears from b first, a from b later: arrival order differs, the outcome does not.
+    push(b, c);
+    push(a, c);
+    push(a, b);
+    push(b, a);
+    push(c, a);
+    push(c, b);
+    let masters: Vec<String> = [&*a, &*b, &*c]
+        .iter()
+        .map(|s| s.get_item(ItemKind::User, "alice").unwrap().unwrap().master)
+        .collect();
+    assert!(masters.iter().all(|m| *m == masters[0]), "{masters:?}");
+    let digests: Vec<String> = [&*a, &*b, &*c]
+        .iter()
+        .map(|s| s.digest().unwrap().0)
+        .collect();
+    assert!(digests.iter().all(|d| *d == digests[0]));
+}
