@@ -1,13 +1,17 @@
 //! multisite: a Kubernetes operator for fleets of replicated tracker databases.
 //!
 //! Layers (a module never imports from a layer above it):
-//! 1. [`api`]: the custom resource types. No I/O.
+//! 1. [`api`]: the custom resource types, manifest parsing and schema checks. No I/O.
 //! 2. [`domain`]: the rules as pure code: compatibility data, the upgrade planner,
 //!    the link task scheduler, mastership.
-//! 3. [`cmd`]: what the command line runs (reads files, prints results).
+//! 3. [`packet`]: the packet wire format.
+//! 4. [`replica`]: the replica server (storage, sync, HTTP API, client).
+//! 5. [`dev`]: the embedded cluster (so far: its object store with Kubernetes semantics).
+//! 6. [`cmd`]: what the command line runs (reads files, prints results).
 
 pub mod api;
 pub mod cmd;
+pub mod dev;
 pub mod domain;
 pub mod packet;
 pub mod replica;
