@@ -18,9 +18,11 @@
 //! - a list is always served from the latest state (`resourceVersion`/`resourceVersionMatch`
 //!   on a first page are not honoured).
 
+pub mod apiserver;
 pub mod names;
 pub mod objects;
 pub mod selectors;
 pub mod snapshot;
 pub mod status;
 pub mod watch;
+pub mod workloads;
