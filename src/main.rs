@@ -60,6 +60,13 @@ enum Command {
         #[command(subcommand)]
         command: SyncCommand,
     },
+    /// An embedded cluster on this machine, without Kubernetes: an API server that
+    /// kubectl and kube's client talk to, and a workload runner that runs pods of
+    /// the product's image as local processes on loopback addresses.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
     /// Apply schema packages.
     Schema {
         #[command(subcommand)]
@@ -363,6 +370,32 @@ enum MastershipCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Start the embedded cluster: install the CRDs, apply the manifests, write the
+    /// kubeconfig, print a summary of the fleet as it changes. Ctrl-C or SIGTERM
+    /// stops everything; the state stays in --dir and the next `dev up` resumes it.
+    Up {
+        /// Manifest files or directories to apply (server-side apply); repeatable.
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        manifests: Vec<PathBuf>,
+        /// State directory: objects, pod data and logs, kubeconfig.
+        #[arg(long, value_name = "DIR", default_value = ".dev-state")]
+        dir: PathBuf,
+        /// Address of the API server (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Stop the embedded cluster running from --dir.
+    Down {
+        #[arg(long, value_name = "DIR", default_value = ".dev-state")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum SchemaCommand {
     /// Apply a schema package (a SchemaPackage manifest) at the replica that
     /// masters the schema repository. The new schema version travels to the other
@@ -473,6 +506,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Records { command } => runtime()?.block_on(records_command(command)),
         Command::Mastership { command } => runtime()?.block_on(mastership_command(command)),
         Command::Sync { command } => runtime()?.block_on(sync_command(command)),
+        Command::Dev { command } => {
+            match command {
+                DevCommand::Up {
+                    manifests,
+                    dir,
+                    listen,
+                    log_json,
+                } => {
+                    init_logging(log_json);
+                    runtime()?.block_on(multisite::cmd::dev::up(dir, manifests, listen))?;
+                }
+                DevCommand::Down { dir } => {
+                    println!(
+                        "{}",
+                        multisite::cmd::dev::down(dir, std::time::Duration::from_secs(60))?
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema {
             command:
                 SchemaCommand::Apply {

@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod crd;
+pub mod dev;
 pub mod plan;
 pub mod replica;

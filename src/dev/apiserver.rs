@@ -214,8 +214,13 @@ impl ApiServer {
     /// and the snapshot written afterwards.
     pub fn write<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         let mut store = self.lock();
+        let before = store.resource_version();
         let out = f(&mut store);
-        self.changed(&mut store);
+        // Controllers call this on every pass; only real changes wake watches and
+        // rewrite the snapshot.
+        if store.resource_version() != before {
+            self.changed(&mut store);
+        }
         out
     }
 

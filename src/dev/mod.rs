@@ -19,6 +19,7 @@
 //!   on a first page are not honoured).
 
 pub mod apiserver;
+pub mod cluster;
 pub mod names;
 pub mod objects;
 pub mod selectors;

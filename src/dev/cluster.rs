@@ -1,0 +1,352 @@
+//! The embedded cluster as one process: the API server, the workload runner, our
+//! CRDs installed and the given manifests applied, state kept in a directory so a
+//! restart resumes the fleet.
+
+use crate::api::manifest;
+use crate::dev::apiserver::{self, ApiServer};
+use crate::dev::objects::Store;
+use crate::dev::workloads::{self, StoreAccess};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Field manager of everything `dev up` applies.
+pub const FIELD_MANAGER: &str = "multisite-dev";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error(
+        "a dev cluster already runs from {dir} (process {pid}); stop it with `multisite dev down --dir {dir}`"
+    )]
+    AlreadyRunning { dir: String, pid: u32 },
+    #[error("the embedded API server: {0}")]
+    ApiServer(String),
+    #[error("{0}")]
+    Manifest(#[from] manifest::ManifestError),
+    #[error("applying {object}: {reason}")]
+    Apply { object: String, reason: String },
+    #[error("the workload runner: {0}")]
+    Workloads(String),
+}
+
+impl StoreAccess for ApiServer {
+    fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        self.write(f)
+    }
+}
+
+/// Where a dev cluster keeps its files.
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.0.join("kubeconfig")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("dev.pid")
+    }
+    pub fn snapshot(&self) -> PathBuf {
+        self.0.join("objects.json")
+    }
+    pub fn workloads(&self) -> PathBuf {
+        self.0.join("workloads")
+    }
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> ClusterError {
+    ClusterError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Whether process `pid` is alive: it has a /proc entry and is not a zombie
+/// (an exited child its parent has not reaped yet).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The process id written by a running dev cluster, if it is alive.
+pub fn running_pid(state: &StateDir) -> Option<u32> {
+    let text = std::fs::read_to_string(state.pid_file()).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    process_alive(pid).then_some(pid)
+}
+
+/// Every manifest file named: files as they are, directories' `.yaml`/`.yml`/`.json`
+/// files in name order.
+pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ClusterError> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| file_error(path, e))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                })
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            return Err(file_error(path, "no such file or directory"));
+        }
+    }
+    Ok(files)
+}
+
+/// Applies our CRDs and then every object of `files` with server-side apply.
+/// Returns one line per object applied.
+pub async fn apply_all(
+    client: &kube::Client,
+    files: &[PathBuf],
+) -> Result<Vec<String>, ClusterError> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut applied = Vec::new();
+    for crd in crate::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .map_err(|e| ClusterError::Apply {
+                object: format!("CustomResourceDefinition {name}"),
+                reason: e.to_string(),
+            })?;
+        applied.push(format!("customresourcedefinition/{name}"));
+    }
+    let mut documents = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| file_error(file, e))?;
+        documents.extend(manifest::documents(&file.display().to_string(), &text)?);
+    }
+    if documents.is_empty() {
+        return Ok(applied);
+    }
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+    for (origin, value) in documents {
+        let object: DynamicObject =
+            serde_json::from_value(value).map_err(|e| ClusterError::Apply {
+                object: origin.to_string(),
+                reason: e.to_string(),
+            })?;
+        let types = object.types.clone().unwrap_or_default();
+        let (group, version) = match types.api_version.split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), types.api_version.clone()),
+        };
+        let gvk = GroupVersionKind::gvk(&group, &version, &types.kind);
+        let Some((resource, caps)) = discovery.resolve_gvk(&gvk) else {
+            return Err(ClusterError::Apply {
+                object: origin.to_string(),
+                reason: format!("the cluster serves no {} {}", types.api_version, types.kind),
+            });
+        };
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let api: Api<DynamicObject> = match caps.scope {
+            kube::discovery::Scope::Namespaced => {
+                let ns = object
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string());
+                ensure_namespace(client, &ns).await?;
+                Api::namespaced_with(client.clone(), &ns, &resource)
+            }
+            kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(|e| ClusterError::Apply {
+                object: origin.to_string(),
+                reason: e.to_string(),
+            })?;
+        applied.push(format!("{}/{name}", resource.plural));
+    }
+    Ok(applied)
+}
+
+/// Creates namespace `ns` if it does not exist (manifests may name their own).
+async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<(), ClusterError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let object: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}
+    }))
+    .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+    api.patch(
+        ns,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&object),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| ClusterError::Apply {
+        object: format!("Namespace {ns}"),
+        reason: e.to_string(),
+    })
+}
+
+/// One line about the fleet: our resources and the pods.
+pub fn summary(server: &ApiServer) -> String {
+    server.read(|store| {
+        let count = |group: &str, plural: &str| -> usize {
+            store
+                .resources()
+                .into_iter()
+                .find(|(key, _)| key.group == group && key.plural == plural)
+                .and_then(|(key, _)| {
+                    store
+                        .list(key, None, &Default::default())
+                        .ok()
+                        .map(|l| l.items.len())
+                })
+                .unwrap_or(0)
+        };
+        let mut pods = (0, 0);
+        if let Some((key, _)) = store
+            .resources()
+            .into_iter()
+            .find(|(key, _)| key.group.is_empty() && key.plural == "pods")
+            && let Ok(list) = store.list(key, None, &Default::default())
+        {
+            pods.0 = list.items.len();
+            pods.1 = list
+                .items
+                .iter()
+                .filter(|p| {
+                    p.pointer("/status/conditions")
+                        .and_then(|c| c.as_array())
+                        .is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                })
+                .count();
+        }
+        format!(
+            "families {}  sites {}  replicas {}  schema packages {}  pods {} ({} ready)",
+            count("multisite.dev", "replicafamilies"),
+            count("multisite.dev", "sites"),
+            count("multisite.dev", "replicas"),
+            count("multisite.dev", "schemapackages"),
+            pods.0,
+            pods.1
+        )
+    })
+}
+
+/// Runs the dev cluster until `shutdown` completes. `report` receives the lines a
+/// person should see (kubeconfig path, what was applied, fleet summaries).
+pub async fn up(
+    state: &StateDir,
+    manifests: &[PathBuf],
+    listen: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    report: impl Fn(&str) + Send + Sync + 'static,
+) -> Result<(), ClusterError> {
+    std::fs::create_dir_all(&state.0).map_err(|e| file_error(&state.0, e))?;
+    if let Some(pid) = running_pid(state) {
+        return Err(ClusterError::AlreadyRunning {
+            dir: state.0.display().to_string(),
+            pid,
+        });
+    }
+    let files = manifest_files(manifests)?;
+    let server = ApiServer::new(Some(state.snapshot()))
+        .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ClusterError::ApiServer(format!("cannot listen on {listen}: {e}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+    let url = format!("http://{address}");
+    std::fs::write(state.kubeconfig(), apiserver::kubeconfig(&url))
+        .map_err(|e| file_error(&state.kubeconfig(), e))?;
+    std::fs::write(state.pid_file(), std::process::id().to_string())
+        .map_err(|e| file_error(&state.pid_file(), e))?;
+
+    // One shutdown, seen by the server, the runner and the summary loop.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let serving = tokio::spawn(apiserver::serve_until(
+        listener,
+        server.clone(),
+        wait(stopped.clone()),
+    ));
+    report(&format!("API server on {url}"));
+    report(&format!("kubeconfig: {}", state.kubeconfig().display()));
+
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| ClusterError::ApiServer(e.to_string()))?;
+    let config = kube::Config::new(uri);
+    let outcome = async {
+        let client =
+            kube::Client::try_from(config).map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+        for line in apply_all(&client, &files).await? {
+            report(&format!("applied {line}"));
+        }
+        Ok::<(), ClusterError>(())
+    }
+    .await;
+    if let Err(err) = outcome {
+        let _ = stop.send(true);
+        let _ = serving.await;
+        let _ = std::fs::remove_file(state.pid_file());
+        return Err(err);
+    }
+
+    let runner = tokio::spawn(workloads::run(
+        Arc::new(server.clone()),
+        workloads::Settings::new(state.workloads()),
+        wait(stopped.clone()),
+    ));
+    let summaries = {
+        let server = server.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                let line = summary(&server);
+                if line != last {
+                    report(&line);
+                    last = line;
+                }
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            }
+        })
+    };
+    shutdown.await;
+    let _ = stop.send(true);
+    let runner_result = runner.await;
+    let _ = serving.await;
+    let _ = summaries.await;
+    let _ = std::fs::remove_file(state.pid_file());
+    match runner_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ClusterError::Workloads(e.to_string())),
+        Err(e) => Err(ClusterError::Workloads(e.to_string())),
+    }
+}

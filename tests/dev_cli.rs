@@ -1,0 +1,171 @@
+//! `multisite dev up|down` as a user runs it, with the real kubectl as the client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+
+struct Dev {
+    child: Child,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn multisite(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_multisite"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run multisite")
+}
+
+/// Starts `dev up` and waits until its kubeconfig is written and the manifests applied.
+fn up(dir: &Path, manifests: &[&str]) -> Dev {
+    let _ = std::fs::remove_file(dir.join("kubeconfig"));
+    let mut args = vec!["dev", "up", "--dir", dir.to_str().expect("UTF-8")];
+    for m in manifests {
+        args.extend(["-f", m]);
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_multisite"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dev up");
+    let dev = Dev { child };
+    let start = Instant::now();
+    while !dir.join("dev.pid").exists()
+        || kubectl(dir, &["get", "crd", "replicafamilies.multisite.dev"])
+            .status
+            .code()
+            != Some(0)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "dev up did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    dev
+}
+
+fn kubectl(dir: &Path, args: &[&str]) -> Output {
+    let config = dir.join("kubeconfig");
+    Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&config)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run kubectl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn wait_for(dir: &Path, args: &[&str], needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = kubectl(dir, args);
+        let all = text(&out.stdout) + &text(&out.stderr);
+        if all.contains(needle) {
+            return all;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{needle:?} never appeared: {all}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn dev_up_serves_the_fleet_to_kubectl_and_keeps_it_across_a_restart() {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("SKIPPED: {KUBECTL} is not installed");
+        return;
+    }
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("multisite-dev-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    {
+        let _dev = up(&dir, &["examples/fleet.yaml"]);
+        let listed = wait_for(
+            &dir,
+            &["get", "replicafamilies,replicas", "-n", "tracker"],
+            "sampl-austin",
+        );
+        assert!(
+            listed.contains("replicafamily.multisite.dev/sampl"),
+            "{listed}"
+        );
+        assert!(listed.contains("TARGET FL"), "printer columns: {listed}");
+        // The API server enforces the CRD's rules.
+        let bad = dir.join("bad.yaml");
+        std::fs::write(
+            &bad,
+            "apiVersion: multisite.dev/v1alpha1\nkind: ReplicaFamily\nmetadata: {name: other, namespace: tracker}\nspec: {idPrefix: OTHER, featureLevel: 9}\n",
+        )
+        .expect("write");
+        let out = kubectl(
+            &dir,
+            &["apply", "--server-side", "-f", bad.to_str().expect("UTF-8")],
+        );
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("spec.featureLevel"),
+            "{}",
+            text(&out.stderr)
+        );
+        let out = kubectl(
+            &dir,
+            &[
+                "patch",
+                "rf",
+                "sampl",
+                "-n",
+                "tracker",
+                "--type",
+                "merge",
+                "-p",
+                "{\"spec\":{\"featureLevel\":6}}",
+            ],
+        );
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains("featureLevel cannot be lowered"),
+            "{}",
+            text(&out.stderr)
+        );
+        let down = multisite(&["dev", "down", "--dir", dir.to_str().expect("UTF-8")]);
+        assert!(down.status.success(), "{}", text(&down.stderr));
+        assert!(
+            text(&down.stdout).contains("stopped the dev cluster"),
+            "{}",
+            text(&down.stdout)
+        );
+        assert!(!dir.join("dev.pid").exists());
+    }
+    // A second run with no manifests resumes the stored fleet.
+    let _dev = up(&dir, &[]);
+    let listed = wait_for(&dir, &["get", "replicas", "-n", "tracker"], "sampl-paris");
+    assert!(listed.contains("sampl-tokyo"), "{listed}");
+    let again = multisite(&["dev", "up", "--dir", dir.to_str().expect("UTF-8")]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already runs"),
+        "{}",
+        text(&again.stderr)
+    );
+    let down = multisite(&["dev", "down", "--dir", dir.to_str().expect("UTF-8")]);
+    assert!(down.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
