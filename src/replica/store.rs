@@ -1497,30 +1497,22 @@ impl Store {
 
     /// Held packets without their bytes (for status reports).
     pub fn held_packet_list(&self) -> Result<Vec<HeldPacket>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, sender, packet_version, reason, received_at FROM held_packets ORDER BY id")
-            .map_err(StoreError::sql("reading held packets"))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(HeldPacket {
-                    id: r.get(0)?,
-                    sender: r.get(1)?,
-                    packet_version: r.get(2)?,
-                    reason: r.get(3)?,
-                    received_at: r.get(4)?,
-                    bytes: Vec::new(),
-                })
-            })
-            .map_err(StoreError::sql("reading held packets"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(StoreError::sql("reading held packets"))
+        self.read_held(false)
     }
 
+    /// Held packets with their bytes, oldest first.
     pub fn held_packets(&self) -> Result<Vec<HeldPacket>> {
+        self.read_held(true)
+    }
+
+    fn read_held(&self, with_bytes: bool) -> Result<Vec<HeldPacket>> {
+        // Without the bytes the column is an empty blob, so status reports stay small.
+        let bytes = if with_bytes { "bytes" } else { "x''" };
         let mut stmt = self
             .conn
-            .prepare("SELECT id, sender, packet_version, reason, received_at, bytes FROM held_packets ORDER BY id")
+            .prepare(&format!(
+                "SELECT id, sender, packet_version, reason, received_at, {bytes} FROM held_packets ORDER BY id"
+            ))
             .map_err(StoreError::sql("reading held packets"))?;
         let rows = stmt
             .query_map([], |r| {
