@@ -145,6 +145,43 @@ fn dev_up_serves_the_fleet_to_kubectl_and_keeps_it_across_a_restart() {
             "{}",
             text(&out.stderr)
         );
+        let yaml = kubectl(&dir, &["get", "rf", "sampl", "-n", "tracker", "-o", "yaml"]);
+        assert!(
+            text(&yaml.stdout).contains("featureLevel: 7"),
+            "{}",
+            text(&yaml.stdout)
+        );
+        assert!(
+            text(&yaml.stdout).contains("idPrefix: SAMPL"),
+            "{}",
+            text(&yaml.stdout)
+        );
+        let wait = kubectl(
+            &dir,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/replicas.multisite.dev",
+                "--timeout=20s",
+            ],
+        );
+        assert!(wait.status.success(), "{}", text(&wait.stderr));
+        let gone = kubectl(
+            &dir,
+            &["delete", "replica", "sampl-austin", "-n", "tracker"],
+        );
+        assert!(
+            text(&gone.stdout).contains("deleted"),
+            "{}",
+            text(&gone.stderr)
+        );
+        let left = kubectl(&dir, &["get", "replicas", "-n", "tracker", "-o", "name"]);
+        assert_eq!(
+            text(&left.stdout).lines().count(),
+            2,
+            "{}",
+            text(&left.stdout)
+        );
         let down = multisite(&["dev", "down", "--dir", dir.to_str().expect("UTF-8")]);
         assert!(down.status.success(), "{}", text(&down.stderr));
         assert!(
@@ -158,6 +195,10 @@ fn dev_up_serves_the_fleet_to_kubectl_and_keeps_it_across_a_restart() {
     let _dev = up(&dir, &[]);
     let listed = wait_for(&dir, &["get", "replicas", "-n", "tracker"], "sampl-paris");
     assert!(listed.contains("sampl-tokyo"), "{listed}");
+    assert!(
+        !listed.contains("sampl-austin"),
+        "the deletion was kept: {listed}"
+    );
     let again = multisite(&["dev", "up", "--dir", dir.to_str().expect("UTF-8")]);
     assert!(!again.status.success());
     assert!(
