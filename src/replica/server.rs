@@ -330,11 +330,15 @@ impl Replica {
             held: None,
             released: 0,
         };
-        if let Some(reason) = self.refuse_version(pair, version) {
+        // Kept until it can be imported; older copies it supersedes go.
+        let hold = |store: &mut Store, reason: String| -> ApiResult<Option<String>> {
             drop_superseded_held(store, &h.sender, &packet.ranges)?;
             store.hold_packet(&h.sender, version, &reason, bytes)?;
             tracing::info!(sender = %h.sender, version, %reason, "packet held");
-            report.held = Some(reason);
+            Ok(Some(reason))
+        };
+        if let Some(reason) = self.refuse_version(pair, version) {
+            report.held = hold(store, reason)?;
         } else {
             let outcome: ImportOutcome =
                 store.import_texts(&packet.changes, Some(&packet.texts))?;
@@ -345,10 +349,7 @@ impl Replica {
                 store.heard_after_restore(&h.sender)?;
             }
             if let Some(reason) = outcome.blocked {
-                drop_superseded_held(store, &h.sender, &packet.ranges)?;
-                store.hold_packet(&h.sender, version, &reason, bytes)?;
-                tracing::info!(sender = %h.sender, %reason, "packet held");
-                report.held = Some(reason);
+                report.held = hold(store, reason)?;
             }
         }
         report.released = self.retry_held(store)?;
