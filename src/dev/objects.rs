@@ -753,21 +753,7 @@ impl Store {
             return Err(Error::ResourceVersionOnCreate);
         }
         // The request's namespace wins over an empty one in the object and must match a set one.
-        if info.namespaced && !namespace.is_empty() {
-            match text(meta, "namespace") {
-                "" => {
-                    meta.insert("namespace".into(), json!(namespace));
-                }
-                given if given != namespace => {
-                    return Err(Error::bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-                _ => {}
-            }
-        } else {
-            meta.remove("namespace");
-        }
+        settle_namespace(meta, info.namespaced && !namespace.is_empty(), namespace)?;
         meta.insert("uid".into(), json!(names::new_uid()?));
         meta.insert("creationTimestamp".into(), json!(format_time(now)));
         for field in [
@@ -899,21 +885,7 @@ impl Store {
             }
             _ => {}
         }
-        if info.namespaced {
-            match text(meta, "namespace") {
-                "" => {
-                    meta.insert("namespace".into(), json!(namespace));
-                }
-                given if given != namespace => {
-                    return Err(Error::bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-                _ => {}
-            }
-        } else {
-            meta.remove("namespace");
-        }
+        settle_namespace(meta, info.namespaced, namespace)?;
         let existing_uid = text(&existing_meta, "uid");
         let given_uid = text(meta, "uid");
         if !given_uid.is_empty() && given_uid != existing_uid {
@@ -1200,3 +1172,24 @@ mod tests;
 #[cfg(test)]
 #[path = "objects_properties.rs"]
 mod properties;
+
+/// The request's namespace fills an empty one in the object and must match a set one;
+/// objects that are not `scoped` carry none.
+fn settle_namespace(meta: &mut Object, scoped: bool, namespace: &str) -> Result<(), Error> {
+    if !scoped {
+        meta.remove("namespace");
+        return Ok(());
+    }
+    match text(meta, "namespace") {
+        "" => {
+            meta.insert("namespace".into(), json!(namespace));
+        }
+        given if given != namespace => {
+            return Err(Error::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}

@@ -208,11 +208,9 @@ fn local_changes_and_their_log_entries_commit_together() {
 fn three_replicas_converge_and_only_masters_change_items() {
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
-    let (left, right) = stores.split_at_mut(1);
-    let a = &mut left[0];
-    let (mid, last) = right.split_at_mut(1);
-    let b = &mut mid[0];
-    let c = &mut last[0];
+    let [a, b, c] = &mut stores[..] else {
+        panic!("a family of three")
+    };
     let r1 = a
         .create_item(
             ItemKind::Record,
@@ -279,9 +277,9 @@ fn three_replicas_converge_and_only_masters_change_items() {
 fn imports_are_idempotent_and_gaps_are_held() {
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
-    let (left, right) = stores.split_at_mut(1);
-    let a = &mut left[0];
-    let b = &mut right[0];
+    let [a, b, _] = &mut stores[..] else {
+        panic!("a family of three")
+    };
     for i in 0..5 {
         a.create_item(
             ItemKind::Record,
@@ -315,11 +313,9 @@ fn imports_are_idempotent_and_gaps_are_held() {
 fn the_log_is_trimmed_only_past_what_every_peer_acknowledged() {
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
-    let (left, right) = stores.split_at_mut(1);
-    let a = &mut left[0];
-    let (mid, last) = right.split_at_mut(1);
-    let b = &mut mid[0];
-    let c = &mut last[0];
+    let [a, b, c] = &mut stores[..] else {
+        panic!("a family of three")
+    };
     for _ in 0..3 {
         a.create_item(ItemKind::Record, "Defect", fields(&[]), None)
             .unwrap();
@@ -367,9 +363,9 @@ fn the_log_is_trimmed_only_past_what_every_peer_acknowledged() {
 fn a_change_needing_a_newer_schema_is_held_until_the_upgrade() {
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
-    let (left, right) = stores.split_at_mut(1);
-    let a = &mut left[0];
-    let b = &mut right[0];
+    let [a, b, _] = &mut stores[..] else {
+        panic!("a family of three")
+    };
     let mut types = builtin_record_types();
     types.push(crate::packet::change::RecordTypeDef {
         name: "ChangeEvent".into(),
@@ -401,11 +397,9 @@ fn a_change_needing_a_newer_schema_is_held_until_the_upgrade() {
 fn two_states_of_one_version_settle_the_same_way_everywhere() {
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
-    let (left, right) = stores.split_at_mut(1);
-    let a = &mut left[0];
-    let (mid, last) = right.split_at_mut(1);
-    let b = &mut mid[0];
-    let c = &mut last[0];
+    let [a, b, c] = &mut stores[..] else {
+        panic!("a family of three")
+    };
     // The same user name made at two replicas at once: one version, two states.
     a.create_item(ItemKind::User, "user", BTreeMap::new(), Some("alice"))
         .unwrap();
