@@ -6,12 +6,14 @@
 //!    the link task scheduler, mastership.
 //! 3. [`packet`]: the packet wire format.
 //! 4. [`replica`]: the replica server (storage, sync, HTTP API, client).
-//! 5. [`dev`]: the embedded cluster (so far: its object store with Kubernetes semantics).
-//! 6. [`cmd`]: what the command line runs (reads files, prints results).
+//! 5. [`operator`]: the controllers, the sync runner, leader election, metrics.
+//! 6. [`dev`]: the embedded cluster: API server, workload runner.
+//! 7. [`cmd`]: what the command line runs (reads files, prints results).
 
 pub mod api;
 pub mod cmd;
 pub mod dev;
 pub mod domain;
+pub mod operator;
 pub mod packet;
 pub mod replica;

@@ -67,6 +67,60 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Run the operator: the controllers that turn ReplicaFamily, Site, Replica and
+    /// SchemaPackage objects into running replica servers, synchronise each family on
+    /// its schedule, and record status and Events. Talks to the cluster in KUBECONFIG
+    /// (or the pod's service account) and stops on SIGINT or SIGTERM.
+    #[command(
+        after_help = "Examples:\n  multisite operator --metrics-addr 127.0.0.1:8080\n  KUBECONFIG=.dev-state/kubeconfig multisite operator --watch-namespaces tracker"
+    )]
+    Operator {
+        /// Only act while holding a coordination.k8s.io Lease, so that of several
+        /// operator processes exactly one acts.
+        #[arg(long)]
+        leader_election: bool,
+        /// Namespace of the Lease (in a pod: its own namespace).
+        #[arg(long, value_name = "NS", env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Name of the Lease.
+        #[arg(long, value_name = "NAME", default_value = "multisite-operator")]
+        lease_name: String,
+        /// This process's identity in the Lease and in Events (in a pod: its name).
+        #[arg(long, value_name = "NAME", env = "POD_NAME")]
+        identity: Option<String>,
+        /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:8080); none by default.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
+        /// Watch only these namespaces (comma-separated); default: all.
+        #[arg(long, value_name = "NS,...", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
+        /// Log line format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// Image of the replica pods the operator creates (default: this release's image).
+        #[arg(long, value_name = "IMAGE", env = "MULTISITE_IMAGE")]
+        image: Option<String>,
+        /// Pull policy of those pods.
+        #[arg(
+            long,
+            value_name = "POLICY",
+            env = "MULTISITE_IMAGE_PULL_POLICY",
+            default_value = "IfNotPresent"
+        )]
+        image_pull_policy: String,
+    },
+    /// Show a family as the operator sees it: replicas (phase, feature levels,
+    /// incarnation, held packets, epochs) and links (last task, lag, errors).
+    Status {
+        /// The ReplicaFamily's name.
+        family: String,
+        /// Namespace (default: the kubeconfig's).
+        #[arg(short = 'n', long, value_name = "NS")]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: multisite::cmd::replica::Output,
+    },
     /// Apply schema packages.
     Schema {
         #[command(subcommand)]
@@ -187,6 +241,18 @@ enum ReplicaCommand {
         /// that a replica restored from a backup that recent gets back what it lost.
         #[arg(long, value_name = "SECONDS")]
         log_retention: Option<u64>,
+        /// When the data directory holds no replica yet, wait for `POST /v1/bootstrap`
+        /// (from the operator) instead of failing: it creates the family's first replica
+        /// or clones a live one. Needs --family and --replica (the pod's own identity,
+        /// checked against the request) and --secret-file.
+        #[arg(long, requires_all = ["family", "replica"])]
+        await_bootstrap: bool,
+        /// The family this replica belongs to (with --await-bootstrap).
+        #[arg(long, value_name = "F")]
+        family: Option<String>,
+        /// This replica's name (with --await-bootstrap).
+        #[arg(long, value_name = "R")]
+        replica: Option<String>,
         #[command(flatten)]
         access: Access,
     },
@@ -369,6 +435,13 @@ enum MastershipCommand {
     },
 }
 
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum DevCommand {
     /// Start the embedded cluster: install the CRDs, apply the manifests, write the
@@ -387,6 +460,10 @@ enum DevCommand {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Do not run the operator inside the dev cluster (run `multisite operator`
+        /// against its kubeconfig yourself).
+        #[arg(long)]
+        no_operator: bool,
     },
     /// Stop the embedded cluster running from --dir.
     Down {
@@ -506,6 +583,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Records { command } => runtime()?.block_on(records_command(command)),
         Command::Mastership { command } => runtime()?.block_on(mastership_command(command)),
         Command::Sync { command } => runtime()?.block_on(sync_command(command)),
+        Command::Operator {
+            leader_election,
+            lease_namespace,
+            lease_name,
+            identity,
+            metrics_addr,
+            watch_namespaces,
+            log_format,
+            image,
+            image_pull_policy,
+        } => {
+            init_logging(log_format == LogFormat::Json);
+            runtime()?.block_on(multisite::cmd::operator::run(
+                multisite::cmd::operator::OperatorArgs {
+                    leader_election,
+                    lease_namespace,
+                    lease_name,
+                    identity,
+                    metrics_addr,
+                    watch_namespaces,
+                    image,
+                    image_pull_policy,
+                },
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            family,
+            namespace,
+            output,
+        } => {
+            let json = output == multisite::cmd::replica::Output::Json;
+            print!(
+                "{}",
+                runtime()?.block_on(multisite::cmd::operator::status(namespace, &family, json))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev { command } => {
             match command {
                 DevCommand::Up {
@@ -513,9 +628,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir,
                     listen,
                     log_json,
+                    no_operator,
                 } => {
                     init_logging(log_json);
-                    runtime()?.block_on(multisite::cmd::dev::up(dir, manifests, listen))?;
+                    runtime()?.block_on(multisite::cmd::dev::up(
+                        dir,
+                        manifests,
+                        listen,
+                        !no_operator,
+                    ))?;
                 }
                 DevCommand::Down { dir } => {
                     println!(
@@ -684,11 +805,21 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             sync_full,
             log_json,
             log_retention,
+            await_bootstrap,
+            family,
+            replica,
             access,
         } => {
             init_logging(log_json);
             let secret = r::load_secret(access.secret_file.as_deref())?;
             let compat = multisite::domain::compat::Compatibility::builtin();
+            let bootstrap = match (await_bootstrap, family, replica, access.secret_file) {
+                (true, Some(family), Some(replica), Some(secret_file)) => Some(r::AwaitBootstrap {
+                    expected: multisite::cmd::bootstrap::Expected { family, replica },
+                    secret_file,
+                }),
+                _ => None,
+            };
             runtime()?.block_on(r::serve(
                 &data,
                 &listen,
@@ -696,6 +827,7 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
                 log_retention,
                 secret,
                 compat,
+                bootstrap,
             ))?;
         }
         ReplicaCommand::Upgrade {

@@ -1137,3 +1137,42 @@ async fn statefulsets_scale_through_the_subresource() {
         assert_eq!(stored.spec.replicas, Some(5));
     }
 }
+
+/// As on a real server: a Secret's stringData lands in data (base64) and is not kept,
+/// and the JSON patch that kube's finalizer helper sends adds the first finalizer.
+#[tokio::test]
+async fn secrets_keep_string_data_as_data_and_finalizers_patch_like_kubernetes() {
+    use k8s_openapi::api::core::v1::Secret;
+    let url = start().await;
+    let client = client(&url);
+    let api: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+        "data": {"kept": "AQI="},
+        "stringData": {"key": "hello"}
+    }))
+    .unwrap();
+    let created = api.create(&PostParams::default(), &secret).await.unwrap();
+    assert!(created.string_data.is_none());
+    let data = created.data.clone().unwrap();
+    assert_eq!(data["key"].0, b"hello".to_vec());
+    assert_eq!(data["kept"].0, vec![1u8, 2]);
+    let read = api.get("s").await.unwrap();
+    assert_eq!(read.data.unwrap()["key"].0, b"hello".to_vec());
+
+    let patch = json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": null},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/f"]}
+    ]);
+    let request = hyper::http::Request::builder()
+        .method("PATCH")
+        .uri("/api/v1/namespaces/default/secrets/s")
+        .header("content-type", "application/json-patch+json")
+        .body(patch.to_string().into_bytes())
+        .unwrap();
+    let patched: Secret = client.request(request).await.unwrap();
+    assert_eq!(
+        patched.metadata.finalizers,
+        Some(vec!["example.com/f".to_string()])
+    );
+}

@@ -114,6 +114,18 @@ pub struct ReplicaStatus {
     /// Packets received but not importable yet.
     #[serde(default)]
     pub held_packets: i64,
+    /// Held packets by the replica that sent them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held_from: BTreeMap<String, i64>,
+    /// Where the operator reaches the replica's API (its pod's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The replica where schema packages are applied, as this replica knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_repository_master: Option<String>,
+    /// While removing: the replicas that still lack some of this replica's changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_pending: Option<Vec<String>>,
     /// Items this replica masters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mastered: Option<MasteredCounts>,

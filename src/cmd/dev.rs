@@ -6,12 +6,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// `dev up`: runs until SIGINT or SIGTERM.
-pub async fn up(dir: PathBuf, manifests: Vec<PathBuf>, listen: String) -> anyhow::Result<()> {
+pub async fn up(
+    dir: PathBuf,
+    manifests: Vec<PathBuf>,
+    listen: String,
+    operator: bool,
+) -> anyhow::Result<()> {
     let state = StateDir(dir);
     cluster::up(
         &state,
         &manifests,
         &listen,
+        operator,
         crate::cmd::replica::shutdown_signal(),
         |line| println!("{line}"),
     )

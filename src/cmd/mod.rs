@@ -2,7 +2,9 @@
 //! below, and renders the result. `main.rs` only parses arguments.
 
 pub mod bench;
+pub mod bootstrap;
 pub mod crd;
 pub mod dev;
+pub mod operator;
 pub mod plan;
 pub mod replica;

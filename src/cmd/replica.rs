@@ -249,7 +249,14 @@ pub fn restore(data: &Path, from: &Path) -> anyhow::Result<String> {
     ))
 }
 
-/// `replica serve`: the HTTP API until SIGINT/SIGTERM.
+/// How `replica serve` starts when its data directory holds no replica yet.
+pub struct AwaitBootstrap {
+    pub expected: crate::cmd::bootstrap::Expected,
+    pub secret_file: PathBuf,
+}
+
+/// `replica serve`: the HTTP API until SIGINT/SIGTERM. With `bootstrap`, an empty data
+/// directory first waits for `POST /v1/bootstrap` on the same address.
 pub async fn serve(
     data: &Path,
     listen: &str,
@@ -257,16 +264,45 @@ pub async fn serve(
     log_retention: Option<u64>,
     secret: Secret,
     compat: Compatibility,
+    bootstrap: Option<AwaitBootstrap>,
 ) -> anyhow::Result<()> {
+    // One socket for both phases, so that callers never see the address go away.
+    let socket = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    socket.set_nonblocking(true)?;
+    let address = socket.local_addr()?;
+    let listener = || -> anyhow::Result<tokio::net::TcpListener> {
+        Ok(tokio::net::TcpListener::from_std(socket.try_clone()?)?)
+    };
+    if let Some(wait) = bootstrap
+        && !data.join(DB_FILE).exists()
+    {
+        println!(
+            "replica {} of family {} awaiting bootstrap on http://{address}",
+            wait.expected.replica, wait.expected.family
+        );
+        tracing::info!(replica = %wait.expected.replica, family = %wait.expected.family, %address, "awaiting bootstrap");
+        let secret = secret::load(&wait.secret_file)?;
+        let bootstrapped = crate::cmd::bootstrap::await_bootstrap(
+            listener()?,
+            wait.expected,
+            data.to_path_buf(),
+            wait.secret_file,
+            secret,
+            compat.clone(),
+            shutdown_signal(),
+        )
+        .await?;
+        if !bootstrapped {
+            tracing::info!("stopped before bootstrap");
+            return Ok(());
+        }
+    }
     let mut store = Store::open_with(data, sync_full)?;
     if let Some(seconds) = log_retention {
         store.set_log_retention(seconds)?;
     }
     let identity = store.identity().clone();
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let address = listener.local_addr()?;
     let replica = server::Replica::new(store, compat, secret);
     // Packets held before a restart may be importable now (an upgrade finished just
     // before the process stopped).
@@ -281,7 +317,7 @@ pub async fn serve(
         identity.replica, identity.family
     );
     tracing::info!(replica = %identity.replica, family = %identity.family, %address, "serving");
-    axum::serve(listener, app)
+    axum::serve(listener()?, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the server stopped")?;

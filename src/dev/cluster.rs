@@ -257,6 +257,7 @@ pub async fn up(
     state: &StateDir,
     manifests: &[PathBuf],
     listen: &str,
+    operator: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     report: impl Fn(&str) + Send + Sync + 'static,
 ) -> Result<(), ClusterError> {
@@ -305,16 +306,37 @@ pub async fn up(
         for line in apply_all(&client, &files).await? {
             report(&format!("applied {line}"));
         }
-        Ok::<(), ClusterError>(())
+        Ok::<kube::Client, ClusterError>(client)
     }
     .await;
-    if let Err(err) = outcome {
-        let _ = stop.send(true);
-        let _ = serving.await;
-        let _ = std::fs::remove_file(state.pid_file());
-        return Err(err);
-    }
-
+    let client = match outcome {
+        Ok(client) => client,
+        Err(err) => {
+            let _ = stop.send(true);
+            let _ = serving.await;
+            let _ = std::fs::remove_file(state.pid_file());
+            return Err(err);
+        }
+    };
+    // The unchanged operator, talking to this API server through kube's client.
+    let operator_task = operator.then(|| {
+        report("operator running in this process (--no-operator to run your own)");
+        let settings = crate::operator::Settings {
+            namespaces: Vec::new(),
+            image: crate::operator::builders::Image {
+                reference: crate::operator::default_image(),
+                pull_policy: "IfNotPresent".into(),
+            },
+            election: None,
+            metrics_addr: None,
+            identity: "multisite-dev".into(),
+        };
+        tokio::spawn(crate::operator::run(
+            client.clone(),
+            settings,
+            wait(stopped.clone()),
+        ))
+    });
     let runner = tokio::spawn(workloads::run(
         Arc::new(server.clone()),
         workloads::Settings::new(state.workloads()),
@@ -340,6 +362,13 @@ pub async fn up(
     };
     shutdown.await;
     let _ = stop.send(true);
+    if let Some(task) = operator_task {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the operator stopped"),
+            Err(e) => tracing::error!(error = %e, "the operator task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let runner_result = runner.await;
     let _ = serving.await;
     let _ = summaries.await;

@@ -57,6 +57,12 @@ impl ReplicaClient {
         }
     }
 
+    /// The same client with another deadline per call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     fn url(base: &str, path: &str) -> Result<hyper::Uri, HttpError> {
         let base = base.trim_end_matches('/');
         let base = if base.contains("://") {

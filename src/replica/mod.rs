@@ -1,6 +1,7 @@
 //! The replica server: storage, the rules applied to it, its HTTP API, and the
 //! client that talks to it.
 
+pub mod bootstrap;
 pub mod http;
 pub mod secret;
 pub mod server;

@@ -49,15 +49,33 @@ pub fn load(path: &Path) -> Result<Secret, SecretError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    let bytes = text.trim_ascii();
-    let packets = FamilySecret::from_bytes(bytes).map_err(|e| SecretError::TooShort {
+    from_bytes(&text).map_err(|reason| SecretError::TooShort {
         path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    })
+}
+
+/// The secret from its text (as held in a file or a Kubernetes Secret); surrounding
+/// whitespace is ignored. The error says why it is unusable.
+pub fn from_bytes(text: &[u8]) -> Result<Secret, String> {
+    let bytes = text.trim_ascii();
+    let packets = FamilySecret::from_bytes(bytes).map_err(|e| e.to_string())?;
     Ok(Secret {
         packets,
         api_token: api_token(bytes),
     })
+}
+
+/// A fresh secret: 32 random bytes as hex.
+pub fn generate() -> Result<String, SecretError> {
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| SecretError::Create {
+            path: "(new secret)".into(),
+            reason: "no randomness available".into(),
+        })?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Creates a secret file with 32 random bytes (hex) if it does not exist, readable
@@ -70,11 +88,7 @@ pub fn create_if_missing(path: &Path) -> Result<bool, SecretError> {
         path: path.display().to_string(),
         reason,
     };
-    let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .map_err(|_| fail("no randomness available".into()))?;
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = generate()?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
     }

@@ -413,14 +413,22 @@ impl Replica {
 
     /// Pushes to the replica at `peer_url` everything it lacks, packet by packet.
     pub async fn push(self: &Arc<Self>, peer_url: &str) -> ApiResult<PushReport> {
+        self.push_packets(peer_url, INCREMENTAL_PACKETS).await
+    }
+
+    /// Pushes at most `max_packets` packets to the replica at `peer_url`.
+    pub async fn push_packets(
+        self: &Arc<Self>,
+        peer_url: &str,
+        max_packets: usize,
+    ) -> ApiResult<PushReport> {
         let client = ReplicaClient::new(self.secret.api_token.clone(), None);
         let me = self.with_store(|s, _| Ok(s.identity().clone())).await?;
         let mut report = PushReport {
             from: me.replica.clone(),
             ..PushReport::default()
         };
-        // At most this many packets per push; a longer backlog continues next time.
-        for _ in 0..64 {
+        for _ in 0..max_packets {
             // The peer's own word on what it committed is the only basis for sending.
             let peer: StatusReport = client.get_json(peer_url, "/v1/status").await?;
             if peer.family != me.family {
@@ -649,20 +657,7 @@ fn kind_of(segment: &str) -> ApiResult<ItemKind> {
 
 /// Refuses callers without the family's token.
 fn authorize(replica: &Replica, headers: &HeaderMap) -> ApiResult<()> {
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let expected = replica.secret.api_token.as_bytes();
-    // Compared without an early exit, so timing does not tell how much matched.
-    let same = presented.len() == expected.len()
-        && presented
-            .bytes()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if token_matches(&replica.secret.api_token, headers) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -670,6 +665,23 @@ fn authorize(replica: &Replica, headers: &HeaderMap) -> ApiResult<()> {
             "missing or wrong family token: callers need the family's secret",
         ))
     }
+}
+
+/// Whether the request carries `expected` as its bearer token.
+pub fn token_matches(expected: &str, headers: &HeaderMap) -> bool {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = expected.as_bytes();
+    // Compared without an early exit, so timing does not tell how much matched.
+    presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Refuses a client whose release cannot open this replica's feature levels.
@@ -992,14 +1004,27 @@ async fn acknowledge(
     .await
 }
 
+/// Packets per incremental push; a longer backlog continues with the next task.
+pub const INCREMENTAL_PACKETS: usize = 64;
+/// Packets per full push: everything the peer lacks, within reason.
+pub const FULL_PACKETS: usize = 100_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushBody {
     to: String,
+    /// A full task: keep sending until the peer lacks nothing.
+    #[serde(default)]
+    full: bool,
 }
 
 async fn push(State(r): State<Shared>, Json(body): Json<PushBody>) -> ApiResult<Json<PushReport>> {
-    Ok(Json(r.push(&body.to).await?))
+    let packets = if body.full {
+        FULL_PACKETS
+    } else {
+        INCREMENTAL_PACKETS
+    };
+    Ok(Json(r.push_packets(&body.to, packets).await?))
 }
 
 #[derive(Deserialize)]
@@ -1226,6 +1251,21 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// A replica that serves is bootstrapped already; asking again changes nothing.
+async fn already_bootstrapped(State(r): State<Shared>) -> ApiResult<Json<Value>> {
+    r.with_store(|store, _| {
+        let id = store.identity();
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "replica {} of family {} is already bootstrapped",
+                id.replica, id.family
+            ),
+        ))
+    })
+    .await
+}
+
 /// Refuses, before any body is read, calls without the family's token.
 async fn require_token(
     State(r): State<Shared>,
@@ -1243,6 +1283,10 @@ pub fn router(replica: Shared) -> Router {
     let packet_limit = replica.limits.max_packet_bytes;
     let api = Router::new()
         .route("/v1/status", get(status))
+        .route(
+            "/v1/bootstrap",
+            get(already_bootstrapped).post(already_bootstrapped),
+        )
         .route("/v1/digest", get(digest))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/clone", post(clone_replica))

@@ -226,6 +226,34 @@ pub struct Validated {
 
 /// Validates (and prunes) a custom object of `resource` against its CRD's schema; `old` is
 /// the stored object on update, for CEL transition rules.
+/// What the real server does to built-in kinds on every write that clients rely on:
+/// a Secret's `stringData` is merged into `data` (base64) and never stored.
+fn normalize_builtin(resource: &ResourceKey, object: &mut Value) {
+    if !(resource.group.is_empty() && resource.plural == "secrets") {
+        return;
+    }
+    let Some(map) = object.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Object(strings)) = map.remove("stringData") else {
+        return;
+    };
+    let data = map
+        .entry("data")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !data.is_object() {
+        *data = Value::Object(Default::default());
+    }
+    if let Some(data) = data.as_object_mut() {
+        for (key, value) in strings {
+            let bytes = value.as_str().unwrap_or_default().as_bytes().to_vec();
+            let encoded =
+                serde_json::to_value(k8s_openapi::ByteString(bytes)).unwrap_or(Value::Null);
+            data.insert(key, encoded);
+        }
+    }
+}
+
 pub fn validate(
     store: &Store,
     resource: &ResourceKey,
@@ -234,6 +262,8 @@ pub fn validate(
     mode: FieldValidation,
 ) -> Result<Validated, Error> {
     let Some(crd) = crd_for(store, resource) else {
+        let mut object = object;
+        normalize_builtin(resource, &mut object);
         return Ok(Validated {
             object,
             warnings: Vec::new(),

@@ -275,7 +275,10 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), Error> {
             }
             "test" => {
                 let expected = value()?;
-                if *get(doc, path)? != expected {
+                // As in Kubernetes' JSON patch: a missing member tests equal to null
+                // (kube's finalizer helper relies on this to add the first finalizer).
+                let missing_is_null = expected.is_null() && get(doc, path).is_err();
+                if !missing_is_null && *get(doc, path)? != expected {
                     return Err(Error::bad_request(format!(
                         "json patch test operation failed: {path:?} is not {expected}"
                     )));
@@ -775,6 +778,14 @@ mod tests {
         let mut doc = json!({"a": 1});
         assert!(json_patch(&mut doc, &json!([{"op": "remove", "path": "/b"}])).is_err());
         assert!(json_patch(&mut doc, &json!([{"op": "test", "path": "/a", "value": 2}])).is_err());
+        // A missing member equals null, as the real server's JSON patch has it.
+        json_patch(
+            &mut doc,
+            &json!([{"op": "test", "path": "/f", "value": null}, {"op": "add", "path": "/f", "value": ["x"]}]),
+        )
+        .unwrap();
+        assert_eq!(doc["f"], json!(["x"]));
+        assert!(json_patch(&mut doc, &json!([{"op": "test", "path": "/g", "value": 1}])).is_err());
         assert!(
             json_patch(
                 &mut doc,

@@ -1,0 +1,304 @@
+//! What every controller of one watch scope shares: the client, the caches of our
+//! resources, the event recorder, metrics, and the sync runner's latest link states.
+
+use super::OperatorError;
+use super::builders::{self, Image};
+use super::metrics::Metrics;
+use crate::api::Replica;
+use crate::api::Site;
+use crate::api::{LinkStatus, ReplicaFamily};
+use crate::domain::scheduler::TaskKind;
+use crate::replica::http::ReplicaClient;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The one field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "multisite-operator";
+
+/// A family by namespace and name.
+pub type FamilyKey = (String, String);
+
+/// A manual task asked for through the family's annotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManualRequest {
+    pub family: FamilyKey,
+    pub kind: TaskKind,
+    /// Only this link (`from`, `to`), or every link of the family.
+    pub link: Option<(String, String)>,
+}
+
+pub struct Ctx {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub image: Image,
+    pub replicas: Store<Replica>,
+    pub families: Store<ReplicaFamily>,
+    pub sites: Store<Site>,
+    /// The sync runner's view of each family's links, for the family's status.
+    pub links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
+    /// Why a family has no links although it should, from the sync runner.
+    pub topology_errors: Mutex<HashMap<FamilyKey, String>>,
+    /// Manual tasks waiting for the sync runner.
+    pub manual: Mutex<Vec<ManualRequest>>,
+    /// Consecutive failures per object, for the back-off of the error policy.
+    pub failures: Mutex<HashMap<String, u32>>,
+    tokens: Mutex<HashMap<FamilyKey, String>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ctx {
+    pub fn new(
+        client: kube::Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        image: Image,
+        stores: (Store<Replica>, Store<ReplicaFamily>, Store<Site>),
+    ) -> Self {
+        Ctx {
+            client,
+            recorder,
+            metrics,
+            image,
+            replicas: stores.0,
+            families: stores.1,
+            sites: stores.2,
+            links: Mutex::default(),
+            topology_errors: Mutex::default(),
+            manual: Mutex::default(),
+            failures: Mutex::default(),
+            tokens: Mutex::default(),
+        }
+    }
+
+    pub fn family(&self, namespace: &str, name: &str) -> Option<Arc<ReplicaFamily>> {
+        self.families.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn site(&self, namespace: &str, name: &str) -> Option<Arc<Site>> {
+        self.sites.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The Replica objects of a family, oldest first (then by name).
+    pub fn members(&self, namespace: &str, family: &str) -> Vec<Arc<Replica>> {
+        let mut members: Vec<Arc<Replica>> = self
+            .replicas
+            .state()
+            .into_iter()
+            .filter(|r| r.namespace().as_deref() == Some(namespace) && r.spec.family == family)
+            .collect();
+        members.sort_by(|a, b| {
+            (
+                a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                a.name_any(),
+            )
+                .cmp(&(
+                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    b.name_any(),
+                ))
+        });
+        members
+    }
+
+    pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
+        locked(&self.links).insert(key, links);
+    }
+
+    pub fn links_of(&self, key: &FamilyKey) -> Vec<LinkStatus> {
+        locked(&self.links).get(key).cloned().unwrap_or_default()
+    }
+
+    pub fn set_topology_error(&self, key: FamilyKey, error: Option<String>) {
+        let mut errors = locked(&self.topology_errors);
+        match error {
+            Some(e) => {
+                errors.insert(key, e);
+            }
+            None => {
+                errors.remove(&key);
+            }
+        }
+    }
+
+    pub fn topology_error(&self, key: &FamilyKey) -> Option<String> {
+        locked(&self.topology_errors).get(key).cloned()
+    }
+
+    pub fn ask(&self, request: ManualRequest) {
+        locked(&self.manual).push(request);
+    }
+
+    pub fn take_manual(&self) -> Vec<ManualRequest> {
+        std::mem::take(&mut *locked(&self.manual))
+    }
+
+    /// Records a failure of `key` and says how long to wait: 1 s doubling to 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = locked(&self.failures);
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        locked(&self.failures).remove(key);
+    }
+
+    /// Publishes a Kubernetes Event about `object`; a failure to publish is logged only.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let reference = object.object_ref(&());
+        tracing::info!(
+            kind = %K::kind(&()),
+            object = %reference.name.clone().unwrap_or_default(),
+            namespace = %reference.namespace.clone().unwrap_or_default(),
+            reason,
+            note = %note,
+            "event"
+        );
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason, "could not record an event");
+        }
+    }
+
+    /// Creates the family Secret once; never rewrites an existing one (so the secret
+    /// never changes under running replicas). Its value is never logged.
+    pub async fn ensure_secret(&self, family: &ReplicaFamily) -> Result<(), OperatorError> {
+        let namespace = family.namespace().unwrap_or_default();
+        let name = builders::secret_name(&family.name_any());
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        if api.get_opt(&name).await?.is_some() {
+            return Ok(());
+        }
+        let value =
+            crate::replica::secret::generate().map_err(|e| OperatorError::Secret(e.to_string()))?;
+        let object = builders::family_secret(family, &value);
+        match api
+            .create(&Default::default(), &serde_json::from_value(object)?)
+            .await
+        {
+            Ok(_) => {
+                self.event(
+                    family,
+                    false,
+                    "SecretCreated",
+                    "CreateSecret",
+                    format!("created Secret {name} holding the family's shared secret"),
+                )
+                .await;
+                Ok(())
+            }
+            // Another reconcile made it first: that one stands.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A client that carries the family's API token (read from its Secret once).
+    pub async fn replica_client(
+        &self,
+        namespace: &str,
+        family: &str,
+    ) -> Result<ReplicaClient, OperatorError> {
+        let key = (namespace.to_string(), family.to_string());
+        let cached = locked(&self.tokens).get(&key).cloned();
+        let token = match cached {
+            Some(token) => token,
+            None => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+                let name = builders::secret_name(family);
+                let secret = api.get_opt(&name).await?.ok_or_else(|| {
+                    OperatorError::Secret(format!("Secret {namespace}/{name} does not exist yet"))
+                })?;
+                let bytes = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(builders::SECRET_KEY))
+                    .map(|b| b.0.clone())
+                    .or_else(|| {
+                        secret
+                            .string_data
+                            .as_ref()
+                            .and_then(|d| d.get(builders::SECRET_KEY))
+                            .map(|s| s.clone().into_bytes())
+                    })
+                    .ok_or_else(|| {
+                        OperatorError::Secret(format!(
+                            "Secret {namespace}/{name} has no key {:?}",
+                            builders::SECRET_KEY
+                        ))
+                    })?;
+                let secret = crate::replica::secret::from_bytes(&bytes).map_err(|reason| {
+                    OperatorError::Secret(format!("Secret {namespace}/{name}: {reason}"))
+                })?;
+                locked(&self.tokens).insert(key, secret.api_token.clone());
+                secret.api_token
+            }
+        };
+        Ok(ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30)))
+    }
+}
+
+/// Writes `status` with server-side apply under the operator's field manager.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), OperatorError>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies an object built by [`builders`] with server-side apply.
+pub async fn apply_object<K>(api: &Api<K>, object: &serde_json::Value) -> Result<(), OperatorError>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}
