@@ -464,6 +464,10 @@ enum DevCommand {
         /// against its kubeconfig yourself).
         #[arg(long)]
         no_operator: bool,
+        /// Pods get loopback addresses from this one up; two dev clusters on one
+        /// machine need different ranges (e.g. 127.1.0.1 and 127.2.0.1).
+        #[arg(long, value_name = "IP", default_value = "127.1.0.1")]
+        first_pod_address: std::net::Ipv4Addr,
     },
     /// Stop the embedded cluster running from --dir.
     Down {
@@ -629,14 +633,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     listen,
                     log_json,
                     no_operator,
+                    first_pod_address,
                 } => {
                     init_logging(log_json);
-                    runtime()?.block_on(multisite::cmd::dev::up(
-                        dir,
-                        manifests,
+                    if !first_pod_address.is_loopback() {
+                        anyhow::bail!(
+                            "--first-pod-address {first_pod_address}: pods live on loopback addresses (127.x.y.z)"
+                        );
+                    }
+                    let options = multisite::dev::cluster::UpOptions {
                         listen,
-                        !no_operator,
-                    ))?;
+                        operator: !no_operator,
+                        first_pod_address,
+                        ..multisite::dev::cluster::UpOptions::new(manifests)
+                    };
+                    runtime()?.block_on(multisite::cmd::dev::up(dir, options))?;
                 }
                 DevCommand::Down { dir } => {
                     println!(

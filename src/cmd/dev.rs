@@ -6,18 +6,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// `dev up`: runs until SIGINT or SIGTERM.
-pub async fn up(
-    dir: PathBuf,
-    manifests: Vec<PathBuf>,
-    listen: String,
-    operator: bool,
-) -> anyhow::Result<()> {
+pub async fn up(dir: PathBuf, options: cluster::UpOptions) -> anyhow::Result<()> {
     let state = StateDir(dir);
     cluster::up(
         &state,
-        &manifests,
-        &listen,
-        operator,
+        &options,
         crate::cmd::replica::shutdown_signal(),
         |line| println!("{line}"),
     )

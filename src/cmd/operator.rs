@@ -22,11 +22,16 @@ pub struct OperatorArgs {
     pub image_pull_policy: String,
 }
 
-/// A client from `KUBECONFIG`, `~/.kube/config` or the pod's service account.
-pub async fn kube_client() -> anyhow::Result<kube::Client> {
-    let config = kube::Config::infer()
+/// A client from `KUBECONFIG`, `~/.kube/config` or the pod's service account,
+/// presenting `user_agent`.
+pub async fn kube_client(user_agent: &'static str) -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration: set KUBECONFIG, or run inside a pod")?;
+    config.headers.push((
+        hyper::http::header::USER_AGENT,
+        hyper::http::HeaderValue::from_static(user_agent),
+    ));
     kube::Client::try_from(config).context("cannot build a Kubernetes client")
 }
 
@@ -72,7 +77,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         metrics_addr,
         identity,
     };
-    let client = kube_client().await?;
+    let client = kube_client(operator::USER_AGENT).await?;
     operator::run(client, settings, crate::cmd::replica::shutdown_signal()).await?;
     Ok(())
 }
@@ -206,7 +211,7 @@ pub async fn status(
     family: &str,
     json_output: bool,
 ) -> anyhow::Result<String> {
-    let client = kube_client().await?;
+    let client = kube_client(concat!("multisite/", env!("CARGO_PKG_VERSION"))).await?;
     let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
     let families: Api<ReplicaFamily> = Api::namespaced(client.clone(), &namespace);
     let Some(object) = families.get_opt(family).await? else {

@@ -251,16 +251,44 @@ pub fn summary(server: &ApiServer) -> String {
     })
 }
 
+/// How `dev up` runs.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// Manifest files or directories applied after the CRDs.
+    pub manifests: Vec<PathBuf>,
+    /// The API server's address (port 0: a free one).
+    pub listen: String,
+    /// Run the operator in this process.
+    pub operator: bool,
+    /// Pods get loopback addresses from here up.
+    pub first_pod_address: std::net::Ipv4Addr,
+    /// Append one JSON line per API request to this file.
+    pub audit_log: Option<PathBuf>,
+}
+
+impl UpOptions {
+    pub fn new(manifests: Vec<PathBuf>) -> Self {
+        UpOptions {
+            manifests,
+            listen: "127.0.0.1:0".into(),
+            operator: true,
+            first_pod_address: std::net::Ipv4Addr::new(127, 1, 0, 1),
+            audit_log: None,
+        }
+    }
+}
+
 /// Runs the dev cluster until `shutdown` completes. `report` receives the lines a
 /// person should see (kubeconfig path, what was applied, fleet summaries).
 pub async fn up(
     state: &StateDir,
-    manifests: &[PathBuf],
-    listen: &str,
-    operator: bool,
+    options: &UpOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     report: impl Fn(&str) + Send + Sync + 'static,
 ) -> Result<(), ClusterError> {
+    let manifests = &options.manifests;
+    let listen = options.listen.as_str();
+    let operator = options.operator;
     std::fs::create_dir_all(&state.0).map_err(|e| file_error(&state.0, e))?;
     if let Some(pid) = running_pid(state) {
         return Err(ClusterError::AlreadyRunning {
@@ -299,6 +327,7 @@ pub async fn up(
     let uri: hyper::Uri = url
         .parse()
         .map_err(|e: hyper::http::uri::InvalidUri| ClusterError::ApiServer(e.to_string()))?;
+    let client_uri = uri.clone();
     let config = kube::Config::new(uri);
     let outcome = async {
         let client =
@@ -331,15 +360,23 @@ pub async fn up(
             metrics_addr: None,
             identity: "multisite-dev".into(),
         };
+        let mut config = kube::Config::new(client_uri.clone());
+        if let Ok(agent) = hyper::http::HeaderValue::from_str(crate::operator::USER_AGENT) {
+            config.headers.push((hyper::http::header::USER_AGENT, agent));
+        }
+        let operator_client = kube::Client::try_from(config).unwrap_or_else(|_| client.clone());
         tokio::spawn(crate::operator::run(
-            client.clone(),
+            operator_client,
             settings,
             wait(stopped.clone()),
         ))
     });
     let runner = tokio::spawn(workloads::run(
         Arc::new(server.clone()),
-        workloads::Settings::new(state.workloads()),
+        workloads::Settings {
+            first_address: options.first_pod_address,
+            ..workloads::Settings::new(state.workloads())
+        },
         wait(stopped.clone()),
     ));
     let summaries = {

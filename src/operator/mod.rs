@@ -56,6 +56,9 @@ pub enum OperatorError {
     LostLease,
 }
 
+/// The user agent of the operator's requests to the Kubernetes API.
+pub const USER_AGENT: &str = concat!("multisite-operator/", env!("CARGO_PKG_VERSION"));
+
 /// How the operator runs.
 #[derive(Clone, Debug)]
 pub struct Settings {
