@@ -43,8 +43,6 @@ pub enum OperatorError {
     Secret(String),
     #[error("{0}")]
     Json(#[from] serde_json::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(String),
     #[error(
         "the multisite.dev/v1alpha1 custom resource definitions are not installed in this cluster (missing: {missing}); \
          install them with `kubectl apply -f crds/` or the Helm chart, then start the operator again"

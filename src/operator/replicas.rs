@@ -18,7 +18,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,27 +203,74 @@ fn awaiting_bootstrap(error: &HttpError) -> bool {
     matches!(error, HttpError::Status { status: 503, message } if message.contains("bootstrap"))
 }
 
+/// Sets the finalizers to `finalizers`, if the object is still at the version read
+/// (a merge patch carrying the resourceVersion fails on a stale copy).
+async fn set_finalizers(
+    api: &Api<Replica>,
+    replica: &Replica,
+    finalizers: Vec<String>,
+) -> Result<(), OperatorError> {
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": replica.resource_version(),
+    }});
+    api.patch(
+        &replica.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn reconcile(replica: Arc<Replica>, ctx: Arc<Ctx>) -> Result<Action, OperatorError> {
     let namespace = replica.namespace().unwrap_or_default();
     let api: Api<Replica> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = format!("replica/{namespace}/{}", replica.name_any());
-    let result = finalizer(&api, FINALIZER, replica, |event| async {
-        match event {
-            Finalizer::Apply(r) => apply(&r, &ctx, &api).await,
-            Finalizer::Cleanup(r) => remove(&r, &ctx, &api).await,
+    let held = replica.finalizers().iter().any(|f| f == FINALIZER);
+    let result = if replica.metadata.deletion_timestamp.is_some() {
+        if !held {
+            Ok(Action::await_change())
+        } else {
+            match remove(&replica, &ctx, &api).await {
+                Ok(Removal::Wait(after)) => Ok(Action::requeue(after)),
+                Ok(Removal::Done) => {
+                    let rest: Vec<String> = replica
+                        .finalizers()
+                        .iter()
+                        .filter(|f| *f != FINALIZER)
+                        .cloned()
+                        .collect();
+                    set_finalizers(&api, &replica, rest)
+                        .await
+                        .map(|()| Action::await_change())
+                }
+                Err(e) => Err(e),
+            }
         }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => OperatorError::Finalizer(other.to_string()),
-    });
+    } else if !held {
+        // The finalizer first, so that a deletion always runs the removal workflow.
+        let mut all = replica.finalizers().to_vec();
+        all.push(FINALIZER.to_string());
+        set_finalizers(&api, &replica, all)
+            .await
+            .map(|()| Action::requeue(Duration::from_millis(100)))
+    } else {
+        apply(&replica, &ctx, &api).await
+    };
     ctx.metrics.reconciled("Replica", result.is_err());
     if result.is_ok() {
         ctx.succeeded(&key);
     }
     result
+}
+
+/// Where the removal workflow stands.
+enum Removal {
+    /// Look again after this long.
+    Wait(Duration),
+    /// Everything is gone; the finalizer may go.
+    Done,
 }
 
 pub fn error_policy(replica: Arc<Replica>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
@@ -524,7 +570,11 @@ fn heir(leaving: &str, family: Option<&ReplicaFamily>, members: &[Arc<Replica>])
         .or_else(|| active.first().cloned())
 }
 
-async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Action, OperatorError> {
+async fn remove(
+    replica: &Replica,
+    ctx: &Ctx,
+    api: &Api<Replica>,
+) -> Result<Removal, OperatorError> {
     let namespace = replica.namespace().unwrap_or_default();
     let name = replica.name_any();
     let generation = replica.metadata.generation;
@@ -543,7 +593,7 @@ async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Acti
     let finish = |why: String| async move {
         delete_workload(ctx, &namespace, &name).await?;
         ctx.event(replica, false, "Removed", "Remove", why).await;
-        Ok::<Action, OperatorError>(Action::await_change())
+        Ok::<Removal, OperatorError>(Removal::Done)
     };
     let forced = replica
         .annotations()
@@ -577,7 +627,7 @@ async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Acti
         );
         waiting(&mut status, &message);
         write(api, replica, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(5)));
+        return Ok(Removal::Wait(Duration::from_secs(5)));
     };
     let client = ctx.replica_client(&namespace, &replica.spec.family).await?;
     let report = match client.get_json::<StatusReport>(&url, "/v1/status").await {
@@ -591,7 +641,7 @@ async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Acti
             );
             waiting(&mut status, &message);
             write(api, replica, &status).await?;
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            return Ok(Removal::Wait(Duration::from_secs(5)));
         }
     };
     fill_status(&mut status, &report);
@@ -637,7 +687,7 @@ async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Acti
                 ),
             }
             write(api, replica, &status).await?;
-            Ok(Action::requeue(Duration::from_secs(2)))
+            Ok(Removal::Wait(Duration::from_secs(2)))
         }
         Some(pending) if !pending.is_empty() => {
             waiting(
@@ -648,7 +698,7 @@ async fn remove(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Acti
                 ),
             );
             write(api, replica, &status).await?;
-            Ok(Action::requeue(Duration::from_secs(2)))
+            Ok(Removal::Wait(Duration::from_secs(2)))
         }
         Some(_) => {
             finish(format!(

@@ -112,6 +112,14 @@ pub fn family_links(
     links(&topology, &names, &overrides)
 }
 
+/// Changes the sender has (by origin) that the receiver has not committed.
+pub fn epoch_lag(sender: &BTreeMap<String, i64>, receiver: &BTreeMap<String, i64>) -> i64 {
+    sender
+        .iter()
+        .map(|(origin, seq)| (seq - receiver.get(origin).copied().unwrap_or(0)).max(0))
+        .fold(0i64, i64::saturating_add)
+}
+
 /// Runs the sync runner until `stop` says so.
 pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
@@ -271,27 +279,41 @@ fn tick(
 /// Hands the links' state to the family controller and the metrics.
 fn publish(ctx: &Ctx, key: &FamilyKey, fs: &FamilySync) {
     let members = ctx.members(&key.0, &key.1);
-    let held_at = |to: &str, from: &str| -> i64 {
+    let status_of = |name: &str| {
         members
             .iter()
-            .find(|r| r.name_any() == to)
-            .and_then(|r| r.status.as_ref())
+            .find(|r| r.name_any() == name)
+            .and_then(|r| r.status.clone())
+    };
+    let held_at = |to: &str, from: &str| -> i64 {
+        status_of(to)
             .and_then(|s| s.held_from.get(from).copied())
             .unwrap_or(0)
+    };
+    // Lag from both ends' own epoch tables, so that a link whose tasks do not run
+    // (disabled, failing) still shows what it owes; the last task's figure otherwise.
+    let lag_of = |link: &Link, state: &LinkState| -> i64 {
+        match (status_of(&link.from), status_of(&link.to)) {
+            (Some(from), Some(to)) if !from.epochs.is_empty() => {
+                epoch_lag(&from.epochs, &to.epochs)
+            }
+            _ => state.lag,
+        }
     };
     let statuses: Vec<LinkStatus> = fs
         .state
         .iter()
         .map(|(link, state)| {
             let held = held_at(&link.to, &link.from);
+            let lag = lag_of(link, state);
             ctx.metrics
-                .link([&key.0, &key.1, &link.from, &link.to], state.lag, held);
+                .link([&key.0, &key.1, &link.from, &link.to], lag, held);
             LinkStatus {
                 from: link.from.clone(),
                 to: link.to.clone(),
                 last_task: state.last_task.map(|k| kind_name(k).to_string()),
                 last_task_time: state.last_task_time.clone(),
-                lag_changes: state.lag,
+                lag_changes: lag,
                 held_packets: held,
                 running: fs.scheduler.running_on(link).is_some(),
                 error: state.error.clone(),
@@ -471,4 +493,66 @@ fn spawn_check(
             result,
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{LinkSpec, ReplicaFamilySpec, SyncSpec};
+
+    #[test]
+    fn epoch_lag_counts_what_the_receiver_lacks_only() {
+        let map = |pairs: &[(&str, i64)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            epoch_lag(&map(&[("a", 10), ("b", 5)]), &map(&[("a", 7), ("b", 9)])),
+            3
+        );
+        assert_eq!(epoch_lag(&map(&[("a", 10)]), &map(&[])), 10);
+        assert_eq!(epoch_lag(&map(&[]), &map(&[("a", 3)])), 0);
+    }
+
+    #[test]
+    fn family_links_follow_topology_and_per_link_settings() {
+        let mut family = ReplicaFamily::new(
+            "f",
+            ReplicaFamilySpec {
+                id_prefix: "F".into(),
+                schema: "DefectTracking".into(),
+                feature_level: 7,
+                upgrade_strategy: Default::default(),
+                allow_unidirectional_replication: false,
+                paused: false,
+                clients: vec![],
+                gateway: None,
+                sync: SyncSpec {
+                    links: vec![LinkSpec {
+                        from: "a".into(),
+                        to: "b".into(),
+                        enabled: false,
+                        automatic: true,
+                    }],
+                    ..Default::default()
+                },
+            },
+        );
+        let members: BTreeMap<String, String> = ["a", "b", "c"]
+            .iter()
+            .map(|n| (n.to_string(), format!("http://{n}")))
+            .collect();
+        let links = family_links(&family, &members).expect("mesh");
+        assert_eq!(links.len(), 6);
+        assert!(!links[&Link::new("a", "b")].enabled);
+        assert!(links[&Link::new("b", "a")].enabled);
+        family.spec.sync.topology = SpecTopology::HubAndSpoke;
+        family.spec.sync.hub = Some("c".into());
+        let links = family_links(&family, &members).expect("hub");
+        assert_eq!(links.len(), 4);
+        family.spec.sync.hub = Some("z".into());
+        assert!(family_links(&family, &members).is_err());
+    }
 }

@@ -1,0 +1,1122 @@
+//! End-to-end scenarios of the operator, written once and run against either cluster:
+//!
+//! - by default, each scenario starts its own embedded cluster (`multisite dev up
+//!   --no-operator`, pods on a loopback range of their own) and a separate
+//!   `multisite operator` process, so that scenarios can kill and restart it;
+//! - with `MULTISITE_E2E_KUBECONFIG` set, scenarios run in namespaces of their own on
+//!   that cluster, where the operator is already installed (by the Helm chart; set
+//!   `MULTISITE_E2E_EXTERNAL_OPERATOR=1`), and reach replica pods with `kubectl
+//!   port-forward`. `e2e/kind/run.sh` runs them that way.
+//!
+//! Every process a scenario starts is stopped when the scenario ends, failures included.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use multisite::api::{Replica, ReplicaFamily, ReplicaPhase};
+use multisite::replica::http::ReplicaClient;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_multisite");
+const KUBECTL: &str = "kubectl";
+/// How long a cluster-level wait may take before the scenario fails.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A child process killed (and reaped) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+enum Mode {
+    /// Our own embedded cluster and operator.
+    Embedded {
+        _dev: Proc,
+        operator: Option<Proc>,
+        dir: PathBuf,
+        /// `--leader-election` for the operator.
+        lease: bool,
+        metrics: u16,
+    },
+    /// A cluster given by kubeconfig, operator installed there.
+    External,
+}
+
+/// One scenario's cluster, namespace and clients.
+struct Env {
+    name: String,
+    rt: tokio::runtime::Runtime,
+    kube: kube::Client,
+    kubeconfig: PathBuf,
+    namespace: String,
+    mode: Mode,
+    forwards: Mutex<BTreeMap<String, (Proc, String)>>,
+    started: Instant,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Env {
+    /// Starts the cluster for scenario `name`; `index` keeps embedded clusters of
+    /// scenarios running at once on different pod address ranges.
+    fn start(name: &str, index: u8, lease: bool) -> Env {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        if let Ok(kubeconfig) = std::env::var("MULTISITE_E2E_KUBECONFIG") {
+            let kubeconfig = PathBuf::from(kubeconfig);
+            let kube = rt.block_on(client_for(&kubeconfig));
+            let namespace = format!("e2e-{name}-{}", std::process::id() % 100_000);
+            let env = Env {
+                name: name.to_string(),
+                rt,
+                kube,
+                kubeconfig,
+                namespace,
+                mode: Mode::External,
+                forwards: Mutex::default(),
+                started: Instant::now(),
+            };
+            env.apply(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n",
+                env.namespace
+            ));
+            return env;
+        }
+        let dir = std::env::temp_dir().join(format!("multisite-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a state directory");
+        let pid = std::process::id();
+        let first = format!("127.{}.{}.1", 100 + u32::from(index), 1 + pid % 250);
+        let log = std::fs::File::create(dir.join("dev.log")).expect("dev log");
+        let dev = Command::new(BIN)
+            .args([
+                "dev",
+                "up",
+                "--no-operator",
+                "--first-pod-address",
+                &first,
+                "--dir",
+            ])
+            .arg(&dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dev up");
+        let dev = Proc(dev);
+        let kubeconfig = dir.join("kubeconfig");
+        let start = Instant::now();
+        while !dir.join("dev.pid").exists() || !kubeconfig.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "dev up did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let kube = rt.block_on(client_for(&kubeconfig));
+        // dev up installs the CRDs before it writes its pid file only after applying.
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(kube.clone());
+        let start = Instant::now();
+        while rt
+            .block_on(crds.get_opt("replicas.multisite.dev"))
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the CRDs were not installed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut env = Env {
+            name: name.to_string(),
+            rt,
+            kube,
+            kubeconfig,
+            namespace: "e2e".into(),
+            mode: Mode::Embedded {
+                _dev: dev,
+                operator: None,
+                dir,
+                lease,
+                metrics: free_port(),
+            },
+            forwards: Mutex::default(),
+            started: Instant::now(),
+        };
+        env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
+        env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: multisite-system}\n");
+        env.start_operator();
+        env
+    }
+
+    fn embedded(&self) -> bool {
+        matches!(self.mode, Mode::Embedded { .. })
+    }
+
+    /// Starts the embedded cluster's operator process (again).
+    fn start_operator(&mut self) {
+        let kubeconfig = self.kubeconfig.clone();
+        let Mode::Embedded {
+            operator,
+            dir,
+            lease,
+            metrics,
+            ..
+        } = &mut self.mode
+        else {
+            return;
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("operator.log"))
+            .expect("operator log");
+        let mut command = Command::new(BIN);
+        command
+            .args(["operator", "--identity", "e2e-operator", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{metrics}"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if *lease {
+            command.args(["--leader-election", "--lease-namespace", "multisite-system"]);
+        }
+        *operator = Some(Proc(command.spawn().expect("start the operator")));
+    }
+
+    /// Kills the operator at once (SIGKILL), as a crash would.
+    fn kill_operator(&mut self) {
+        match &mut self.mode {
+            Mode::Embedded { operator, .. } => {
+                if let Some(mut p) = operator.take() {
+                    let _ = p.0.kill();
+                    let _ = p.0.wait();
+                }
+            }
+            Mode::External => {
+                let out = self.kubectl(&[
+                    "delete",
+                    "pod",
+                    "-n",
+                    "multisite-system",
+                    "-l",
+                    "app.kubernetes.io/name=multisite-operator",
+                    "--grace-period=0",
+                    "--force",
+                ]);
+                assert!(out.status.success(), "{}", text(&out.stderr));
+            }
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// `kubectl apply --server-side` of `yaml` in the scenario's namespace.
+    fn apply(&self, yaml: &str) {
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager",
+                "e2e",
+                "-n",
+                &self.namespace,
+                "-f",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(yaml.as_bytes())
+            .expect("write the manifest");
+        let out = child.wait_with_output().expect("kubectl apply");
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            text(&out.stderr)
+        );
+    }
+
+    fn families(&self) -> Api<ReplicaFamily> {
+        Api::namespaced(self.kube.clone(), &self.namespace)
+    }
+
+    fn replicas(&self) -> Api<Replica> {
+        Api::namespaced(self.kube.clone(), &self.namespace)
+    }
+
+    fn family(&self, name: &str) -> ReplicaFamily {
+        self.rt
+            .block_on(self.families().get(name))
+            .expect("the family")
+    }
+
+    fn replica(&self, name: &str) -> Option<Replica> {
+        self.rt
+            .block_on(self.replicas().get_opt(name))
+            .expect("read a Replica")
+    }
+
+    /// What a person would look at when a wait fails.
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for args in [
+            vec![
+                "get",
+                "replicafamilies,replicas,sites,pods,statefulsets",
+                "-n",
+                &self.namespace,
+                "-o",
+                "wide",
+            ],
+            vec!["get", "replicas", "-n", &self.namespace, "-o", "yaml"],
+        ] {
+            let o = self.kubectl(&args);
+            out.push_str(&text(&o.stdout));
+            out.push_str(&text(&o.stderr));
+        }
+        if let Mode::Embedded { dir, .. } = &self.mode {
+            let log = std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out.push_str("\n--- operator log (last lines) ---\n");
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Polls `check` until it gives a value, or fails the scenario after [`WAIT`].
+    fn wait<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(value) = check() {
+                eprintln!(
+                    "[{}] {what}: after {:.1} s",
+                    self.name,
+                    start.elapsed().as_secs_f64()
+                );
+                return value;
+            }
+            if start.elapsed() > WAIT {
+                panic!(
+                    "[{}] timed out waiting until {what}\n{}",
+                    self.name,
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn wait_active(&self, names: &[&str]) {
+        self.wait(
+            &format!("{} are Active and Ready", names.join(", ")),
+            || {
+                names
+                    .iter()
+                    .all(|n| {
+                        self.replica(n).and_then(|r| r.status).is_some_and(|s| {
+                            s.phase == Some(ReplicaPhase::Active)
+                                && multisite::api::conditions::is_true(&s.conditions, "Ready")
+                        })
+                    })
+                    .then_some(())
+            },
+        );
+    }
+
+    /// The family's API client (its token from the family Secret, the newest release).
+    fn client(&self, family: &str) -> ReplicaClient {
+        let secrets: Api<Secret> = Api::namespaced(self.kube.clone(), &self.namespace);
+        let secret = self.wait("the family secret exists", || {
+            self.rt
+                .block_on(secrets.get_opt(&format!("{family}-secret")))
+                .ok()
+                .flatten()
+        });
+        let bytes = secret
+            .data
+            .and_then(|d| d.get("secret").map(|b| b.0.clone()))
+            .expect("key secret");
+        let secret = multisite::replica::secret::from_bytes(&bytes).expect("a usable secret");
+        let compat = multisite::domain::compat::Compatibility::builtin();
+        ReplicaClient::new(
+            secret.api_token,
+            Some(multisite::cmd::replica::newest_release(&compat)),
+        )
+    }
+
+    /// Where the test reaches replica `name`'s API.
+    fn url(&self, name: &str) -> String {
+        if self.embedded() {
+            let start = Instant::now();
+            loop {
+                if let Some(url) = self.replica(name).and_then(|r| r.status?.endpoint) {
+                    return url;
+                }
+                assert!(
+                    start.elapsed() < WAIT,
+                    "{name} has no endpoint\n{}",
+                    self.diagnostics()
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((proc_, url)) = forwards.get_mut(name) {
+            if proc_.0.try_wait().ok().flatten().is_none() {
+                return url.clone();
+            }
+        }
+        let mut child = Command::new(KUBECTL)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "port-forward",
+                "-n",
+                &self.namespace,
+                &format!("pod/{name}-0"),
+                ":7400",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl port-forward");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("port-forward output");
+        // "Forwarding from 127.0.0.1:PORT -> 7400"
+        let port = line
+            .split("127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected port-forward output: {line}"));
+        let url = format!("http://127.0.0.1:{port}");
+        forwards.insert(name.to_string(), (Proc(child), url.clone()));
+        url
+    }
+
+    /// Waits until replica `name` answers its status call again.
+    fn wait_serving(&self, client: &ReplicaClient, name: &str) {
+        self.wait(&format!("{name} serves again"), || {
+            let url = self.url(name);
+            self.rt
+                .block_on(client.get_json::<Value>(&url, "/v1/status"))
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    /// Creates `count` Defects at replica `name`; returns their ids.
+    fn write(&self, client: &ReplicaClient, name: &str, count: usize, tag: &str) -> Vec<String> {
+        let url = self.url(name);
+        self.rt.block_on(async {
+            let mut ids = Vec::new();
+            for i in 0..count {
+                let body = json!({"type": "Defect", "fields": {"headline": format!("{tag} {i}")}});
+                let item: Value = client
+                    .send_json(hyper::Method::POST, &url, "/v1/records", &body)
+                    .await
+                    .unwrap_or_else(|e| panic!("create a Defect at {name}: {e}"));
+                ids.push(item["id"].as_str().expect("an id").to_string());
+            }
+            ids
+        })
+    }
+
+    /// Every Defect at replica `name`: id -> item.
+    fn defects(&self, client: &ReplicaClient, name: &str) -> Option<BTreeMap<String, Value>> {
+        let url = self.url(name);
+        let items: Value = self
+            .rt
+            .block_on(client.get_json(&url, "/v1/records?type=Defect"))
+            .ok()?;
+        let list = items
+            .get("items")
+            .and_then(Value::as_array)
+            .cloned()
+            .or_else(|| items.as_array().cloned())?;
+        Some(
+            list.into_iter()
+                .filter_map(|i| Some((i.get("id")?.as_str()?.to_string(), i)))
+                .collect(),
+        )
+    }
+
+    fn digest(&self, client: &ReplicaClient, name: &str) -> Option<Value> {
+        let url = self.url(name);
+        self.rt
+            .block_on(client.get_json::<Value>(&url, "/v1/digest"))
+            .ok()
+    }
+
+    /// Waits until every replica named holds exactly the same items and at least `ids`.
+    fn wait_converged(&self, client: &ReplicaClient, names: &[&str], ids: &BTreeSet<String>) {
+        self.wait(
+            &format!("{} hold the same {} records", names.join(", "), ids.len()),
+            || {
+                let digests: Vec<Value> = names
+                    .iter()
+                    .map(|n| self.digest(client, n))
+                    .collect::<Option<_>>()?;
+                let first = digests.first()?.get("digest")?.clone();
+                if !digests.iter().all(|d| d.get("digest") == Some(&first)) {
+                    return None;
+                }
+                names
+                    .iter()
+                    .all(|n| {
+                        self.defects(client, n)
+                            .is_some_and(|d| ids.iter().all(|id| d.contains_key(id)))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+
+    fn patch_family(&self, name: &str, patch: Value) {
+        self.rt
+            .block_on(
+                self.families()
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .expect("patch the family");
+    }
+
+    /// The operator's /metrics text (embedded clusters only).
+    fn metrics(&self) -> Option<String> {
+        let Mode::Embedded { metrics, .. } = &self.mode else {
+            return None;
+        };
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", *metrics)).ok()?;
+        use std::io::{Read, Write};
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        Some(body)
+    }
+
+    /// Kills replica `name`'s server process (embedded) or its pod (elsewhere) at once.
+    fn kill_replica(&self, name: &str) {
+        match &self.mode {
+            Mode::Embedded { dir, .. } => {
+                let pid_file = dir
+                    .join("workloads")
+                    .join("run")
+                    .join(format!("{}_{name}-0_replica.pid", self.namespace));
+                let pid = std::fs::read_to_string(&pid_file)
+                    .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+                let status = Command::new("kill")
+                    .args(["-KILL", pid.trim()])
+                    .status()
+                    .expect("kill");
+                assert!(status.success(), "kill {pid}");
+            }
+            Mode::External => {
+                let out = self.kubectl(&[
+                    "delete",
+                    "pod",
+                    "-n",
+                    &self.namespace,
+                    &format!("{name}-0"),
+                    "--grace-period=0",
+                    "--force",
+                ]);
+                assert!(out.status.success(), "{}", text(&out.stderr));
+                self.forwards
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
+            }
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if !self.embedded() {
+            let _ = self.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
+        }
+        eprintln!(
+            "[{}] scenario ran {:.1} s",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn client_for(kubeconfig: &Path) -> kube::Client {
+    let text = std::fs::read_to_string(kubeconfig).expect("read the kubeconfig");
+    let config: kube::config::Kubeconfig =
+        serde_json::from_value(serde_saphyr_to_json(&text)).expect("a kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(config, &Default::default())
+        .await
+        .expect("a client configuration");
+    kube::Client::try_from(config).expect("a client")
+}
+
+/// The kubeconfig as JSON (it is YAML on disk).
+fn serde_saphyr_to_json(text: &str) -> Value {
+    serde_saphyr::from_str(text).expect("YAML")
+}
+
+/// Sites, a family and its replicas: `replicas` are (name, site, bootstrapFrom).
+fn fleet(
+    family: &str,
+    sites: &[&str],
+    replicas: &[(&str, &str, Option<&str>)],
+    sync: &str,
+) -> String {
+    let mut out = String::new();
+    for site in sites {
+        out.push_str(&format!(
+            "apiVersion: multisite.dev/v1alpha1\nkind: Site\nmetadata: {{name: {site}}}\nspec: {{}}\n---\n"
+        ));
+    }
+    out.push_str(&format!(
+        "apiVersion: multisite.dev/v1alpha1\nkind: ReplicaFamily\nmetadata: {{name: {family}}}\n\
+         spec:\n  idPrefix: SAMPL\n  featureLevel: 7\n  sync: {{incrementalIntervalSeconds: 1{sync}}}\n---\n"
+    ));
+    for (name, site, from) in replicas {
+        out.push_str(&replica_yaml(family, name, site, *from));
+    }
+    out
+}
+
+fn replica_yaml(family: &str, name: &str, site: &str, from: Option<&str>) -> String {
+    let from = from
+        .map(|f| format!(", bootstrapFrom: {f}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: multisite.dev/v1alpha1\nkind: Replica\nmetadata: {{name: {name}}}\n\
+         spec: {{family: {family}, site: {site}, storage: 1Gi{from}}}\n---\n"
+    )
+}
+
+fn set(ids: impl IntoIterator<Item = Vec<String>>) -> BTreeSet<String> {
+    ids.into_iter().flatten().collect()
+}
+
+const THREE: [(&str, &str, Option<&str>); 3] = [
+    ("sampl-tokyo", "tokyo", None),
+    ("sampl-paris", "paris", Some("sampl-tokyo")),
+    ("sampl-austin", "austin", Some("sampl-tokyo")),
+];
+const NAMES: [&str; 3] = ["sampl-tokyo", "sampl-paris", "sampl-austin"];
+const SITES: [&str; 3] = ["tokyo", "paris", "austin"];
+
+/// A family of three replicas at three sites comes up Ready; records written at each
+/// replica converge on all; status, `kubectl get`, Events, `multisite status` and the
+/// metrics say so.
+#[test]
+fn three_sites_come_up_ready_and_records_converge() {
+    let env = Env::start("converge", 1, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let mut ids = Vec::new();
+    for name in NAMES {
+        ids.push(env.write(&client, name, 10, name));
+    }
+    let ids = set(ids);
+    assert_eq!(ids.len(), 30);
+    env.wait_converged(&client, &NAMES, &ids);
+    env.wait("the family is Ready and Synchronized with no lag", || {
+        let status = env.family("sampl").status?;
+        let ok = multisite::api::conditions::is_true(&status.conditions, "Ready")
+            && multisite::api::conditions::is_true(&status.conditions, "Synchronized")
+            && status.max_lag_changes == Some(0)
+            && status.links.len() == 6
+            && status.feature_level == Some(7);
+        ok.then_some(())
+    });
+
+    // What a person sees with kubectl: Ready, feature levels and lag columns.
+    let out = env.kubectl(&["get", "replicafamilies,replicas", "-n", &env.namespace]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let family_header = table.lines().next().unwrap_or_default();
+    for column in ["TARGET FL", "FL", "READY", "SYNCHRONIZED", "LAG"] {
+        assert!(family_header.contains(column), "{table}");
+    }
+    let family_row = table
+        .lines()
+        .find(|l| l.contains("replicafamily.multisite.dev/sampl"))
+        .expect("family row");
+    assert!(
+        family_row
+            .split_whitespace()
+            .filter(|w| *w == "True")
+            .count()
+            >= 2,
+        "{family_row}"
+    );
+    for name in NAMES {
+        let row = table
+            .lines()
+            .find(|l| l.contains(&format!("replica.multisite.dev/{name}")))
+            .expect("replica row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert!(
+            cells.contains(&"Active") && cells.contains(&"True"),
+            "{row}"
+        );
+        assert_eq!(
+            cells.iter().filter(|c| **c == "7").count(),
+            2,
+            "both FLs shown: {row}"
+        );
+    }
+
+    // Every decision is an Event.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    let reasons: BTreeSet<String> = env
+        .rt
+        .block_on(events.list(&Default::default()))
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in [
+        "SecretCreated",
+        "Bootstrapping",
+        "Active",
+        "AllReplicasReady",
+    ] {
+        assert!(
+            reasons.contains(reason),
+            "no {reason} event among {reasons:?}"
+        );
+    }
+
+    // `multisite status` prints the fleet.
+    let out = Command::new(BIN)
+        .args(["status", "sampl", "-n", &env.namespace])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("multisite status");
+    let status = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(status.contains("Ready True"), "{status}");
+    for name in NAMES {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("Active")),
+            "{status}"
+        );
+    }
+
+    if let Some(metrics) = env.metrics() {
+        assert!(metrics.contains("multisite_leader 1"), "{metrics}");
+        assert!(metrics.contains("outcome=\"succeeded\""), "{metrics}");
+        assert!(
+            metrics.contains("multisite_link_lag_changes{namespace=\"e2e\",family=\"sampl\""),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("multisite_reconciles_total{kind=\"Replica\"}"),
+            "{metrics}"
+        );
+    }
+}
+
+/// A fourth replica added later is cloned from a live one and catches up.
+#[test]
+fn a_fourth_replica_added_later_catches_up() {
+    let env = Env::start("fourth", 2, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let before = set([
+        env.write(&client, "sampl-tokyo", 15, "early"),
+        env.write(&client, "sampl-paris", 15, "early"),
+    ]);
+    env.apply(&replica_yaml(
+        "sampl",
+        "sampl-lima",
+        "austin",
+        Some("sampl-paris"),
+    ));
+    env.wait_active(&["sampl-lima"]);
+    let late = env.write(&client, "sampl-lima", 5, "late");
+    let all: BTreeSet<String> = before.union(&set([late.clone()])).cloned().collect();
+    let four = ["sampl-tokyo", "sampl-paris", "sampl-austin", "sampl-lima"];
+    env.wait_converged(&client, &four, &all);
+    // The clone got ids of its own.
+    assert!(late.iter().all(|id| !before.contains(id)));
+    env.wait("the family has twelve links", || {
+        (env.family("sampl").status?.links.len() == 12).then_some(())
+    });
+}
+
+/// Deleting a Replica moves its mastership to another replica first, waits until that
+/// change reached every peer, then removes the workload and its data.
+#[test]
+fn a_removed_replica_moves_its_mastership_first() {
+    let env = Env::start("remove", 3, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let at_austin = env.write(&client, "sampl-austin", 8, "austin's");
+    let others = env.write(&client, "sampl-tokyo", 2, "tokyo's");
+    let all = set([at_austin.clone(), others]);
+    env.wait_converged(&client, &NAMES, &all);
+
+    env.rt
+        .block_on(
+            env.replicas()
+                .delete("sampl-austin", &DeleteParams::default()),
+        )
+        .expect("delete the Replica");
+    let mut phases = BTreeSet::new();
+    env.wait("sampl-austin is gone", || {
+        match env.replica("sampl-austin") {
+            Some(r) => {
+                if let Some(p) = r.status.and_then(|s| s.phase) {
+                    phases.insert(format!("{p:?}"));
+                }
+                None
+            }
+            None => Some(()),
+        }
+    });
+    assert!(phases.contains("Removing"), "phases seen: {phases:?}");
+    // The records it mastered are mastered elsewhere now, everywhere.
+    let remaining = ["sampl-tokyo", "sampl-paris"];
+    env.wait_converged(&client, &remaining, &all);
+    for name in remaining {
+        let defects = env.defects(&client, name).expect("records");
+        for id in &at_austin {
+            let master = defects[id]["master"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                remaining.contains(&master.as_str()),
+                "{id} at {name} is mastered by {master}"
+            );
+        }
+    }
+    // Its workload and data are gone.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    env.wait("its StatefulSet and claim are deleted", || {
+        let claim = env
+            .rt
+            .block_on(claims.get_opt("data-sampl-austin-0"))
+            .ok()?;
+        let sts = env.rt.block_on(sets.get_opt("sampl-austin")).ok()?;
+        (claim.is_none() && sts.is_none()).then_some(())
+    });
+    // Both the survivors keep working.
+    let after = env.write(&client, "sampl-paris", 3, "after");
+    let all: BTreeSet<String> = all.union(&set([after])).cloned().collect();
+    env.wait_converged(&client, &remaining, &all);
+}
+
+/// A replica server killed (SIGKILL) repeatedly while records are written and synced
+/// loses nothing: every record written reaches every replica.
+#[test]
+fn a_replica_pod_killed_during_sync_loses_nothing() {
+    let env = Env::start("podkill", 4, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        ids.push(env.write(&client, "sampl-tokyo", 40, &format!("round {round}")));
+        // Paris is killed while tokyo's changes are being pushed to it.
+        env.kill_replica("sampl-paris");
+        ids.push(env.write(&client, "sampl-austin", 10, &format!("austin {round}")));
+        env.wait_serving(&client, "sampl-paris");
+        ids.push(env.write(&client, "sampl-paris", 5, &format!("paris {round}")));
+    }
+    let ids = set(ids);
+    assert_eq!(ids.len(), 110);
+    env.wait_converged(&client, &NAMES, &ids);
+    // It was never re-created: the same incarnation throughout.
+    assert_eq!(
+        env.replica("sampl-paris")
+            .and_then(|r| r.status?.incarnation),
+        Some(1)
+    );
+}
+
+/// The operator killed while tasks run, and records written while it is down: a new
+/// operator (after the old one's lease expires) resumes, and nothing is re-created.
+#[test]
+fn the_operator_killed_mid_task_resumes() {
+    let mut env = Env::start("operator", 5, true);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let incarnations: Vec<Option<i64>> = NAMES
+        .iter()
+        .map(|n| env.replica(n).and_then(|r| r.status?.incarnation))
+        .collect();
+    // A backlog for austin, then its links open and the operator dies as the tasks start.
+    env.patch_family(
+        "sampl",
+        json!({"spec": {"sync": {"links": [
+            {"from": "sampl-tokyo", "to": "sampl-austin", "enabled": false},
+            {"from": "sampl-paris", "to": "sampl-austin", "enabled": false}
+        ]}}}),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut ids = vec![env.write(&client, "sampl-tokyo", 300, "backlog")];
+    env.patch_family("sampl", json!({"spec": {"sync": {"links": []}}}));
+    // The runner looks at the family every half second; the pushes of the backlog
+    // take longer than that, so the operator dies with tasks under way.
+    std::thread::sleep(Duration::from_millis(700));
+    env.kill_operator();
+    ids.push(env.write(&client, "sampl-paris", 10, "while down"));
+    env.start_operator();
+    let ids = set(ids);
+    env.wait_converged(&client, &NAMES, &ids);
+    let after: Vec<Option<i64>> = NAMES
+        .iter()
+        .map(|n| env.replica(n).and_then(|r| r.status?.incarnation))
+        .collect();
+    assert_eq!(incarnations, after, "no replica was re-created");
+    if env.embedded() {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(env.kube.clone(), "multisite-system");
+        let lease = env
+            .rt
+            .block_on(leases.get("multisite-operator"))
+            .expect("the lease");
+        let spec = lease.spec.expect("lease spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("e2e-operator"));
+    }
+}
+
+/// Disabling a link stops its tasks; enabling it again catches the receiver up.
+#[test]
+fn a_disabled_link_stops_and_catches_up_when_reenabled() {
+    let env = Env::start("links", 6, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let first = set([env.write(&client, "sampl-tokyo", 3, "first")]);
+    env.wait_converged(&client, &NAMES, &first);
+    env.patch_family(
+        "sampl",
+        json!({"spec": {"sync": {"links": [
+            {"from": "sampl-tokyo", "to": "sampl-austin", "enabled": false},
+            {"from": "sampl-paris", "to": "sampl-austin", "enabled": false}
+        ]}}}),
+    );
+    // Let a task already running on those links finish.
+    std::thread::sleep(Duration::from_secs(3));
+    let last_tasks = |env: &Env| -> BTreeMap<String, Option<String>> {
+        env.family("sampl")
+            .status
+            .map(|s| s.links)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.to == "sampl-austin")
+            .map(|l| (l.from, l.last_task_time))
+            .collect()
+    };
+    let before = last_tasks(&env);
+    let held_back = set([env.write(&client, "sampl-tokyo", 10, "held back")]);
+    env.wait_converged(&client, &["sampl-tokyo", "sampl-paris"], &held_back);
+    std::thread::sleep(Duration::from_secs(3));
+    let austin = env
+        .defects(&client, "sampl-austin")
+        .expect("records at austin");
+    assert!(
+        held_back.iter().all(|id| !austin.contains_key(id)),
+        "a disabled link delivered"
+    );
+    assert_eq!(last_tasks(&env), before, "tasks ran on disabled links");
+    env.wait("the family shows the lag and is not Synchronized", || {
+        let status = env.family("sampl").status?;
+        let lagging = status
+            .links
+            .iter()
+            .any(|l| l.to == "sampl-austin" && l.lag_changes >= 10);
+        (lagging && !multisite::api::conditions::is_true(&status.conditions, "Synchronized"))
+            .then_some(())
+    });
+
+    env.patch_family(
+        "sampl",
+        json!({"spec": {"sync": {"links": [
+            {"from": "sampl-tokyo", "to": "sampl-austin", "enabled": true},
+            {"from": "sampl-paris", "to": "sampl-austin", "enabled": true}
+        ]}}}),
+    );
+    let all: BTreeSet<String> = first.union(&held_back).cloned().collect();
+    env.wait_converged(&client, &NAMES, &all);
+    env.wait("the family is Synchronized again", || {
+        let status = env.family("sampl").status?;
+        multisite::api::conditions::is_true(&status.conditions, "Synchronized").then_some(())
+    });
+    // A person can ask for a full task through the annotation; it is taken and removed.
+    let full_tasks = |env: &Env| -> Option<u64> {
+        let metrics = env.metrics()?;
+        let line = metrics.lines().find(|l| {
+            l.starts_with("multisite_sync_tasks_total{")
+                && l.contains(
+                    "from=\"sampl-tokyo\",to=\"sampl-austin\",task=\"full\",outcome=\"succeeded\"",
+                )
+        })?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    let before = full_tasks(&env).unwrap_or(0);
+    env.rt
+        .block_on(env.families().patch(
+            "sampl",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"multisite.dev/sync-now": "full:sampl-tokyo->sampl-austin"}}})),
+        ))
+        .expect("annotate");
+    env.wait(
+        "the annotation is taken and a full task ran on sampl-tokyo->sampl-austin",
+        || {
+            let family = env.family("sampl");
+            let gone = !family.annotations().contains_key("multisite.dev/sync-now");
+            let ran = !env.embedded() || full_tasks(&env).is_some_and(|n| n > before);
+            (gone && ran).then_some(())
+        },
+    );
+}
+
+/// Of two operators with leader election only the lease holder acts; when it dies the
+/// other takes the lease over and the family keeps synchronising.
+#[test]
+fn two_operators_only_the_leader_acts() {
+    let mut env = Env::start("leader", 7, true);
+    if !env.embedded() {
+        eprintln!("[leader] skipped: needs the embedded cluster's own operator processes");
+        return;
+    }
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    let standby_metrics = free_port();
+    let Mode::Embedded { dir, .. } = &env.mode else {
+        return;
+    };
+    let log = std::fs::File::create(dir.join("standby.log")).expect("standby log");
+    let standby = Proc(
+        Command::new(BIN)
+            .args([
+                "operator",
+                "--leader-election",
+                "--lease-namespace",
+                "multisite-system",
+            ])
+            .args(["--identity", "e2e-standby", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{standby_metrics}"))
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the standby operator"),
+    );
+    let scrape = |port: u16| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    env.wait("the standby serves its metrics as a non-leader", || {
+        scrape(standby_metrics)
+            .filter(|m| m.contains("multisite_leader 0"))
+            .map(|_| ())
+    });
+    assert!(
+        env.metrics()
+            .is_some_and(|m| m.contains("multisite_leader 1"))
+    );
+    // The standby reconciles nothing while it waits.
+    std::thread::sleep(Duration::from_secs(2));
+    let quiet = scrape(standby_metrics).unwrap_or_default();
+    assert!(!quiet.contains("multisite_reconciles_total{"), "{quiet}");
+
+    env.kill_operator();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.kube.clone(), "multisite-system");
+    env.wait("the standby holds the lease", || {
+        let lease = env
+            .rt
+            .block_on(leases.get_opt("multisite-operator"))
+            .ok()??;
+        (lease.spec?.holder_identity.as_deref() == Some("e2e-standby")).then_some(())
+    });
+    let client = env.client("sampl");
+    let ids = set([env.write(&client, "sampl-paris", 5, "after failover")]);
+    env.wait_converged(&client, &NAMES, &ids);
+    assert!(scrape(standby_metrics).is_some_and(|m| m.contains("multisite_leader 1")));
+    drop(standby);
+}
