@@ -468,6 +468,13 @@ enum DevCommand {
         /// machine need different ranges (e.g. 127.1.0.1 and 127.2.0.1).
         #[arg(long, value_name = "IP", default_value = "127.1.0.1")]
         first_pod_address: std::net::Ipv4Addr,
+        /// Record every request the API server answers as one JSON line appended to
+        /// FILE (created if missing): the RBAC verb, API group, resource, subresource,
+        /// namespace and name (or the non-resource URL), the client's User-Agent and
+        /// the HTTP status. Shows what a client such as the operator really calls,
+        /// e.g. to check RBAC rules against it.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
     },
     /// Stop the embedded cluster running from --dir.
     Down {
@@ -634,6 +641,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     log_json,
                     no_operator,
                     first_pod_address,
+                    audit_log,
                 } => {
                     init_logging(log_json);
                     if !first_pod_address.is_loopback() {
@@ -645,6 +653,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         listen,
                         operator: !no_operator,
                         first_pod_address,
+                        audit_log,
                         ..multisite::dev::cluster::UpOptions::new(manifests)
                     };
                     runtime()?.block_on(multisite::cmd::dev::up(dir, options))?;

@@ -42,7 +42,13 @@
 //! - no subresources but `status` and the `scale` of statefulsets and deployments (no
 //!   `scale` for CRDs, no `pods/log`, `exec`, `eviction`), no
 //!   `/openapi/v2`, no legacy `/api/v1/watch/...` paths.
+//!
+//! [`ApiServer::audit_to`] appends one JSON line per request to a file (see [`audit`]):
+//! the RBAC verb and resource each client asked for, so tests can check a role against
+//! what a client really calls. The real server's audit policy, stages and event format
+//! are not modelled.
 
+pub mod audit;
 pub mod crd;
 pub mod discovery;
 pub mod patch;
@@ -66,7 +72,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -123,6 +129,8 @@ struct Shared {
     /// Set when the server shuts down: open watches end.
     closing: Arc<watch::Sender<bool>>,
     snapshot: Option<PathBuf>,
+    /// Where each request is recorded, once [`ApiServer::audit_to`] was called.
+    audit: OnceLock<audit::AuditLog>,
 }
 
 /// The embedded API server's state: the store, shared by every request.
@@ -192,6 +200,7 @@ impl ApiServer {
                 changes,
                 closing: Arc::new(watch::channel(false).0),
                 snapshot,
+                audit: OnceLock::new(),
             }),
         };
         server.save(&server.lock());
@@ -246,6 +255,20 @@ impl ApiServer {
         if let Err(error) = result {
             tracing::warn!(path = %path.display(), %error, "cannot write the dev cluster snapshot");
         }
+    }
+
+    /// Appends one JSON line per request from now on to `path` (created when missing):
+    /// verb, apiGroup, resource, subresource, namespace, name or nonResourceURL,
+    /// userAgent and the status code answered. A server writes to one audit file only;
+    /// a second call is refused.
+    pub fn audit_to(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let log = audit::AuditLog::open(path)?;
+        self.shared.audit.set(log).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "this API server already writes an audit log",
+            )
+        })
     }
 
     /// The router serving the API.
@@ -393,6 +416,28 @@ fn parse_body(body: &[u8]) -> Result<Value, Error> {
 
 async fn handle(
     State(server): State<ApiServer>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if server.shared.audit.get().is_none() {
+        return respond(server, method, uri, headers, body).await;
+    }
+    let request = audit::request_attributes(&method, uri.path(), uri.query());
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let response = respond(server.clone(), method, uri, headers, body).await;
+    if let Some(log) = server.shared.audit.get() {
+        log.record(&request, &user_agent, response.status().as_u16());
+    }
+    response
+}
+
+async fn respond(
+    server: ApiServer,
     method: Method,
     uri: Uri,
     headers: HeaderMap,

@@ -299,6 +299,11 @@ pub async fn up(
     let files = manifest_files(manifests)?;
     let server = ApiServer::new(Some(state.snapshot()))
         .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+    if let Some(path) = &options.audit_log {
+        server
+            .audit_to(path)
+            .map_err(|e| file_error(path, format!("cannot write the audit log: {e}")))?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ClusterError::ApiServer(format!("cannot listen on {listen}: {e}")))?;
@@ -362,7 +367,9 @@ pub async fn up(
         };
         let mut config = kube::Config::new(client_uri.clone());
         if let Ok(agent) = hyper::http::HeaderValue::from_str(crate::operator::USER_AGENT) {
-            config.headers.push((hyper::http::header::USER_AGENT, agent));
+            config
+                .headers
+                .push((hyper::http::header::USER_AGENT, agent));
         }
         let operator_client = kube::Client::try_from(config).unwrap_or_else(|_| client.clone());
         tokio::spawn(crate::operator::run(
