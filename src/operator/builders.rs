@@ -260,7 +260,7 @@ mod tests {
         );
         let value = statefulset(&replica(), &site, &image());
         let sts: StatefulSet = serde_json::from_value(value.clone()).expect("a StatefulSet");
-        let spec = sts.spec.expect("spec");
+        let spec = sts.spec;
         assert_eq!(spec.replicas, Some(1));
         assert_eq!(spec.service_name.as_deref(), Some("sampl-tokyo"));
         let owners = sts.metadata.owner_references.expect("owner");

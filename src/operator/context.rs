@@ -50,6 +50,9 @@ pub struct Ctx {
     /// Consecutive failures per object, for the back-off of the error policy.
     pub failures: Mutex<HashMap<String, u32>>,
     tokens: Mutex<HashMap<FamilyKey, String>>,
+    /// Families whose Secret this process has seen or made, so it is not read again
+    /// on every reconcile.
+    secrets: Mutex<std::collections::HashSet<FamilyKey>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,6 +80,7 @@ impl Ctx {
             manual: Mutex::default(),
             failures: Mutex::default(),
             tokens: Mutex::default(),
+            secrets: Mutex::default(),
         }
     }
 
@@ -191,9 +195,14 @@ impl Ctx {
     /// never changes under running replicas). Its value is never logged.
     pub async fn ensure_secret(&self, family: &ReplicaFamily) -> Result<(), OperatorError> {
         let namespace = family.namespace().unwrap_or_default();
+        let key = (namespace.clone(), family.name_any());
+        if locked(&self.secrets).contains(&key) {
+            return Ok(());
+        }
         let name = builders::secret_name(&family.name_any());
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
         if api.get_opt(&name).await?.is_some() {
+            locked(&self.secrets).insert(key);
             return Ok(());
         }
         let value =
@@ -204,6 +213,7 @@ impl Ctx {
             .await
         {
             Ok(_) => {
+                locked(&self.secrets).insert(key);
                 self.event(
                     family,
                     false,

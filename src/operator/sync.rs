@@ -279,21 +279,23 @@ fn tick(
 /// Hands the links' state to the family controller and the metrics.
 fn publish(ctx: &Ctx, key: &FamilyKey, fs: &FamilySync) {
     let members = ctx.members(&key.0, &key.1);
-    let status_of = |name: &str| {
-        members
-            .iter()
-            .find(|r| r.name_any() == name)
-            .and_then(|r| r.status.clone())
-    };
+    let statuses_by_name: BTreeMap<String, &crate::api::ReplicaStatus> = members
+        .iter()
+        .filter_map(|r| Some((r.name_any(), r.status.as_ref()?)))
+        .collect();
     let held_at = |to: &str, from: &str| -> i64 {
-        status_of(to)
+        statuses_by_name
+            .get(to)
             .and_then(|s| s.held_from.get(from).copied())
             .unwrap_or(0)
     };
     // Lag from both ends' own epoch tables, so that a link whose tasks do not run
     // (disabled, failing) still shows what it owes; the last task's figure otherwise.
     let lag_of = |link: &Link, state: &LinkState| -> i64 {
-        match (status_of(&link.from), status_of(&link.to)) {
+        match (
+            statuses_by_name.get(&link.from),
+            statuses_by_name.get(&link.to),
+        ) {
             (Some(from), Some(to)) if !from.epochs.is_empty() => {
                 epoch_lag(&from.epochs, &to.epochs)
             }
