@@ -867,9 +867,13 @@ async fn state_survives_a_restart_through_the_snapshot() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = ApiServer::new(Some(path)).unwrap();
-        (url, tokio::spawn(apiserver::serve(listener, server)))
+        (
+            url,
+            server.clone(),
+            tokio::spawn(apiserver::serve(listener, server)),
+        )
     };
-    let (url, task) = serve_once(path.clone()).await;
+    let (url, first, task) = serve_once(path.clone()).await;
     let client1 = client(&url);
     install_crds(&client1).await;
     let api: Api<ReplicaFamily> = Api::namespaced(client1, "default");
@@ -877,8 +881,10 @@ async fn state_survives_a_restart_through_the_snapshot() {
     let created = api.create(&PostParams::default(), &object).await.unwrap();
     task.abort();
     let _ = task.await;
+    // What a stopping dev cluster does; otherwise the snapshot follows within 250 ms.
+    first.flush();
 
-    let (url, task) = serve_once(path).await;
+    let (url, _second, task) = serve_once(path).await;
     let api: Api<ReplicaFamily> = Api::namespaced(client(&url), "default");
     let kept = api.get("kept").await.unwrap();
     assert_eq!(kept.metadata.uid, created.metadata.uid);

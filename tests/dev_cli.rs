@@ -28,7 +28,14 @@ fn multisite(args: &[&str]) -> Output {
 /// Starts `dev up` and waits until its kubeconfig is written and the manifests applied.
 fn up(dir: &Path, manifests: &[&str]) -> Dev {
     let _ = std::fs::remove_file(dir.join("kubeconfig"));
-    let mut args = vec!["dev", "up", "--dir", dir.to_str().expect("UTF-8")];
+    // The API server and kubectl are under test here; the operator has tests/e2e.rs.
+    let mut args = vec![
+        "dev",
+        "up",
+        "--no-operator",
+        "--dir",
+        dir.to_str().expect("UTF-8"),
+    ];
     for m in manifests {
         args.extend(["-f", m]);
     }

@@ -28,11 +28,22 @@ const KUBECTL: &str = "kubectl";
 /// How long a cluster-level wait may take before the scenario fails.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A child process killed (and reaped) when dropped.
+/// A child process stopped (and reaped) when dropped: SIGTERM first, so that `dev up`
+/// stops its pods' processes too, then SIGKILL if it lingers.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -41,8 +52,9 @@ impl Drop for Proc {
 enum Mode {
     /// Our own embedded cluster and operator.
     Embedded {
-        _dev: Proc,
+        // Dropped in this order: the operator stops before the cluster.
         operator: Option<Proc>,
+        _dev: Proc,
         dir: PathBuf,
         /// `--leader-election` for the operator.
         lease: bool,

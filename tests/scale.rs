@@ -23,7 +23,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_multisite");
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so that `dev up` stops its pods' processes too.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -129,8 +129,46 @@ struct Shared {
     /// Set when the server shuts down: open watches end.
     closing: Arc<watch::Sender<bool>>,
     snapshot: Option<PathBuf>,
+    /// Changes not yet in the snapshot file.
+    dirty: std::sync::atomic::AtomicBool,
     /// Where each request is recorded, once [`ApiServer::audit_to`] was called.
     audit: OnceLock<audit::AuditLog>,
+}
+
+/// How often a changed store is written to its snapshot file.
+const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Shared {
+    fn save(&self, store: &Store) {
+        let Some(path) = &self.snapshot else {
+            return;
+        };
+        let result = store
+            .to_bytes()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                let temporary = path.with_extension("tmp");
+                std::fs::write(&temporary, bytes)
+                    .and_then(|()| std::fs::rename(&temporary, path))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = result {
+            tracing::warn!(path = %path.display(), %error, "cannot write the dev cluster snapshot");
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// The last changes reach the snapshot when the server goes.
+    fn drop(&mut self) {
+        if *self.dirty.get_mut() {
+            let store = self
+                .store
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.save(&store);
+        }
+    }
 }
 
 /// The embedded API server's state: the store, shared by every request.
@@ -144,8 +182,9 @@ fn now_text() -> String {
 }
 
 impl ApiServer {
-    /// A server over the store kept in `snapshot` (read when the file exists, written after
-    /// every change), or over a new store kept in memory only. Built-in resources, the
+    /// A server over the store kept in `snapshot` (read when the file exists, written
+    /// within [`SNAPSHOT_EVERY`] of a change, by [`ApiServer::flush`] and when the last
+    /// handle goes), or over a new store kept in memory only. Built-in resources, the
     /// resources of stored CRDs and the `default` and `kube-system` namespaces are there
     /// from the start.
     pub fn new(snapshot: Option<PathBuf>) -> Result<Self, ApiServerError> {
@@ -200,11 +239,37 @@ impl ApiServer {
                 changes,
                 closing: Arc::new(watch::channel(false).0),
                 snapshot,
+                dirty: std::sync::atomic::AtomicBool::new(false),
                 audit: OnceLock::new(),
             }),
         };
         server.save(&server.lock());
+        if server.shared.snapshot.is_some() {
+            // Writes the snapshot at most every SNAPSHOT_EVERY, not on each change: a
+            // whole-store rewrite per change made big fleets crawl. Ends with the server.
+            let weak = Arc::downgrade(&server.shared);
+            std::thread::spawn(move || {
+                loop {
+                    std::thread::sleep(SNAPSHOT_EVERY);
+                    match weak.upgrade() {
+                        Some(shared) => ApiServer { shared }.flush(),
+                        None => break,
+                    }
+                }
+            });
+        }
         Ok(server)
+    }
+
+    /// Writes the snapshot now if anything changed since the last write.
+    pub fn flush(&self) {
+        if self
+            .shared
+            .dirty
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.save(&self.lock());
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -236,26 +301,15 @@ impl ApiServer {
     fn changed(&self, store: &mut Store) {
         store.collect_garbage(Timestamp::now());
         self.shared.changes.send_replace(store.resource_version());
-        self.save(store);
+        self.shared
+            .dirty
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn save(&self, store: &Store) {
-        let Some(path) = &self.shared.snapshot else {
-            return;
-        };
-        let result = store
-            .to_bytes()
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                let temporary = path.with_extension("tmp");
-                std::fs::write(&temporary, bytes)
-                    .and_then(|()| std::fs::rename(&temporary, path))
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(error) = result {
-            tracing::warn!(path = %path.display(), %error, "cannot write the dev cluster snapshot");
-        }
+        self.shared.save(store);
     }
+
 
     /// Appends one JSON line per request from now on to `path` (created when missing):
     /// verb, apiGroup, resource, subresource, namespace, name or nonResourceURL,

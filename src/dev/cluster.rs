@@ -416,6 +416,7 @@ pub async fn up(
     let runner_result = runner.await;
     let _ = serving.await;
     let _ = summaries.await;
+    server.flush();
     let _ = std::fs::remove_file(state.pid_file());
     match runner_result {
         Ok(Ok(())) => Ok(()),
