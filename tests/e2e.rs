@@ -420,10 +420,10 @@ impl Env {
             }
         }
         let mut forwards = self.forwards.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((proc_, url)) = forwards.get_mut(name) {
-            if proc_.0.try_wait().ok().flatten().is_none() {
-                return url.clone();
-            }
+        if let Some((proc_, url)) = forwards.get_mut(name)
+            && proc_.0.try_wait().ok().flatten().is_none()
+        {
+            return url.clone();
         }
         let mut child = Command::new(KUBECTL)
             .arg("--kubeconfig")

@@ -310,7 +310,6 @@ impl ApiServer {
         self.shared.save(store);
     }
 
-
     /// Appends one JSON line per request from now on to `path` (created when missing):
     /// verb, apiGroup, resource, subresource, namespace, name or nonResourceURL,
     /// userAgent and the status code answered. A server writes to one audit file only;

@@ -89,7 +89,7 @@ pub fn links(
             }
         }
         Topology::HubAndSpoke { hub } => {
-            if names.len() > 1 && !names.iter().any(|n| *n == hub) {
+            if names.len() > 1 && !names.contains(&hub) {
                 return Err(TopologyError::UnknownHub { hub: hub.clone() });
             }
             for spoke in names.iter().filter(|n| **n != hub) {
@@ -114,7 +114,12 @@ mod tests {
     #[test]
     fn table() {
         let hub = |h: &str| Topology::HubAndSpoke { hub: h.into() };
-        let cases: Vec<(Topology, Vec<&str>, Vec<(&str, &str)>)> = vec![
+        type Case = (
+            Topology,
+            Vec<&'static str>,
+            Vec<(&'static str, &'static str)>,
+        );
+        let cases: Vec<Case> = vec![
             (Topology::Mesh, vec![], vec![]),
             (Topology::Mesh, vec!["a"], vec![]),
             (Topology::Mesh, vec!["b", "a"], vec![("a", "b"), ("b", "a")]),

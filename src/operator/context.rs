@@ -53,6 +53,10 @@ pub struct Ctx {
     /// Families whose Secret this process has seen or made, so it is not read again
     /// on every reconcile.
     secrets: Mutex<std::collections::HashSet<FamilyKey>>,
+    /// The last value of each family condition this process announced with an Event,
+    /// so that a reconcile working from a cache that lags its own status write does
+    /// not announce a transition twice.
+    announced: Mutex<HashMap<(FamilyKey, String), bool>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,6 +85,7 @@ impl Ctx {
             failures: Mutex::default(),
             tokens: Mutex::default(),
             secrets: Mutex::default(),
+            announced: Mutex::default(),
         }
     }
 
@@ -135,6 +140,12 @@ impl Ctx {
 
     pub fn topology_error(&self, key: &FamilyKey) -> Option<String> {
         locked(&self.topology_errors).get(key).cloned()
+    }
+
+    /// Records `value` as the announced state of `condition`; returns the state announced
+    /// before (`None` the first time).
+    pub fn announce(&self, family: &FamilyKey, condition: &str, value: bool) -> Option<bool> {
+        locked(&self.announced).insert((family.clone(), condition.to_string()), value)
     }
 
     pub fn ask(&self, request: ManualRequest) {

@@ -297,8 +297,15 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
         (DEGRADED, &verdicts.degraded),
         (SYNCHRONIZED, &verdicts.synchronized),
     ] {
-        let before = conditions::is_true(&old.conditions, type_);
-        let known = old.conditions.iter().any(|c| c.type_ == type_);
+        let in_status = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status == "True");
+        let announced = ctx.announce(&(namespace.clone(), name.clone()), type_, *value);
+        // A change against what this process last announced, or (after a restart)
+        // against the stored status.
+        let before = announced.or(in_status);
         conditions::set_condition(
             &mut status.conditions,
             type_,
@@ -308,7 +315,7 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
             family.metadata.generation,
             now.clone(),
         );
-        if known && before != *value && type_ != PROGRESSING {
+        if before.is_some_and(|b| b != *value) && type_ != PROGRESSING {
             let warning = (type_ == DEGRADED) == *value;
             ctx.event(
                 family,

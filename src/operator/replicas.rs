@@ -484,7 +484,7 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
                         )
                         .await
                     }
-                    Err(e) if matches!(e, HttpError::Status { status: 409, .. }) => {}
+                    Err(HttpError::Status { status: 409, .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -780,7 +780,8 @@ mod tests {
         let c_live = replica("c", 10, Some(ReplicaPhase::Active), None);
         let d_from_c = replica("d", 5, None, Some("c"));
         let d_from_b = replica("d", 5, None, Some("b"));
-        let cases: Vec<(&Arc<Replica>, Vec<Arc<Replica>>, BootstrapPlan)> = vec![
+        type Case<'a> = (&'a Arc<Replica>, Vec<Arc<Replica>>, BootstrapPlan);
+        let cases: Vec<Case> = vec![
             // The oldest of an empty family starts it; a younger one waits for it.
             (&a_new, vec![a_new.clone(), b_new.clone()], init.clone()),
             (
@@ -823,7 +824,7 @@ mod tests {
         // A replica that served before and lost its data is never re-created empty.
         let lost = replica("a", 30, Some(ReplicaPhase::Active), None);
         assert!(matches!(
-            bootstrap_plan(&lost, &f, &[lost.clone()]),
+            bootstrap_plan(&lost, &f, std::slice::from_ref(&lost)),
             BootstrapPlan::Refuse(_)
         ));
         let unknown = replica("d", 5, None, Some("zz"));
@@ -846,6 +847,6 @@ mod tests {
         });
         assert_eq!(heir("a", Some(&f), &members).as_deref(), Some("c"));
         assert_eq!(heir("c", Some(&f), &members).as_deref(), Some("a"));
-        assert_eq!(heir("a", Some(&f), &[a.clone()]), None);
+        assert_eq!(heir("a", Some(&f), std::slice::from_ref(&a)), None);
     }
 }
