@@ -468,6 +468,18 @@ pub fn plan(
     spec: &FleetSpec,
     observed: &FleetObserved,
 ) -> Result<Plan, Refusal> {
+    plan_from(compat, spec, observed, false)
+}
+
+/// [`plan`] for a family whose sync may already be paused (an all-at-once upgrade
+/// under way): a paused family's plan does not pause again, and ends with
+/// [`Step::ResumeSync`] even when no raise is left.
+pub fn plan_from(
+    compat: &Compatibility,
+    spec: &FleetSpec,
+    observed: &FleetObserved,
+    sync_paused: bool,
+) -> Result<Plan, Refusal> {
     let target = spec.target;
     let target_pair = FlPair::new(target, target);
     if !compat.is_valid_pair(target_pair) {
@@ -607,6 +619,12 @@ pub fn plan(
         sync_paused: false,
     };
     let mut steps = Vec::new();
+    let all_at_once = spec.strategy == UpgradeStrategy::AllAtOnce;
+    // Paused sync that this plan will not keep paused is resumed first.
+    let paused_for_plan = sync_paused && all_at_once;
+    if sync_paused && !all_at_once {
+        steps.push(Step::ResumeSync);
+    }
 
     // 1. Client tiers, in spec order.
     for (t, tier) in spec.tiers.iter().enumerate() {
@@ -636,6 +654,9 @@ pub fn plan(
         .filter(|&i| state.pairs[i] != target_pair)
         .collect();
     if needs_raise.is_empty() {
+        if paused_for_plan {
+            steps.push(Step::ResumeSync);
+        }
         return Ok(Plan { steps });
     }
     if let Some(&i) = needs_raise.iter().find(|&&i| !replicas[i].reachable) {
@@ -654,8 +675,9 @@ pub fn plan(
             created.extend(state.pairs.iter().filter_map(|&p| compat.creates(p)));
         }
     };
-    let all_at_once = spec.strategy == UpgradeStrategy::AllAtOnce;
-    if all_at_once {
+    if paused_for_plan {
+        state.sync_paused = true;
+    } else if all_at_once {
         record_created(&state, &mut created);
         steps.push(Step::PauseSync);
         state.sync_paused = true;

@@ -872,3 +872,97 @@ proptest! {
             }
     }
 }
+
+/// What the upgrade driver does: re-plan from what it observes after every step and
+/// execute the first step. From any state on the way the plan must go on, and the
+/// driver must reach the target in as many steps as the first plan had.
+fn drive(s: &FleetSpec, start: FleetObserved) -> Vec<Step> {
+    let compat = compat();
+    let mut observed = start;
+    let mut paused = false;
+    let mut done = Vec::new();
+    let first = plan_from(&compat, s, &observed, paused).expect("a plan").steps.len();
+    loop {
+        let next = plan_from(&compat, s, &observed, paused)
+            .unwrap_or_else(|r| panic!("refused mid-way after {done:?}: {r}"));
+        let Some(step) = next.steps.first().cloned() else {
+            break;
+        };
+        match &step {
+            Step::UpgradeClients { tier, release } => {
+                for t in observed.tiers.iter_mut().filter(|t| t.name == *tier) {
+                    t.release = Some(release.clone());
+                    t.ready = true;
+                }
+                if !observed.tiers.iter().any(|t| t.name == *tier) {
+                    observed.tiers.push(seen(tier, release));
+                }
+            }
+            Step::RaiseSchemaRepository { replica, feature_level } => {
+                for r in observed.replicas.iter_mut().filter(|r| r.name == *replica) {
+                    r.pair = r.pair.map(|p| FlPair::new(*feature_level, p.user_database));
+                }
+            }
+            Step::RaiseUserDatabase { replica, feature_level } => {
+                for r in observed.replicas.iter_mut().filter(|r| r.name == *replica) {
+                    r.pair = r.pair.map(|p| FlPair::new(p.schema_repository, *feature_level));
+                }
+            }
+            Step::PauseSync => paused = true,
+            Step::ResumeSync => paused = false,
+        }
+        done.push(step);
+        assert!(done.len() <= first, "the driver took more steps than planned: {done:?}");
+    }
+    assert!(!paused, "sync left paused");
+    let target = FlPair::new(s.target, s.target);
+    assert!(observed.replicas.iter().all(|r| r.pair == Some(target)), "{observed:?}");
+    assert_eq!(done.len(), first);
+    done
+}
+
+#[test]
+fn replanning_after_every_step_reaches_the_target() {
+    let web = || vec![tier("web", "8.0.1.1")];
+    let staged = drive(
+        &spec(8, UpgradeStrategy::Staged, true, web()),
+        FleetObserved { tiers: vec![seen("web", "7.0.1.0")], replicas: three_sites(6, 6) },
+    );
+    assert_eq!(staged[0], Step::UpgradeClients { tier: "web".into(), release: "8.0.1.1".into() });
+    let all = drive(
+        &spec(8, UpgradeStrategy::AllAtOnce, false, web()),
+        FleetObserved { tiers: vec![seen("web", "8.0.1.1")], replicas: three_sites(7, 7) },
+    );
+    assert_eq!(all.first(), Some(&Step::PauseSync));
+    assert_eq!(all.last(), Some(&Step::ResumeSync));
+    // Paused with every replica raised already: only the resume is left.
+    let s = spec(8, UpgradeStrategy::AllAtOnce, false, vec![]);
+    let o = FleetObserved { tiers: vec![], replicas: three_sites(8, 8) };
+    assert_eq!(plan_from(&compat(), &s, &o, true).unwrap().steps, vec![Step::ResumeSync]);
+    // Paused under a staged plan (the strategy changed): resumed first.
+    let s = spec(8, UpgradeStrategy::Staged, true, vec![]);
+    let o = FleetObserved { tiers: vec![], replicas: three_sites(7, 7) };
+    assert_eq!(plan_from(&compat(), &s, &o, true).unwrap().steps[0], Step::ResumeSync);
+}
+
+proptest! {
+    #[test]
+    fn the_driver_finishes_every_plan_it_starts(
+        levels in proptest::collection::vec((5i32..=8, 0i32..=3), 1..4),
+        target in 5i32..=8,
+        all_at_once in any::<bool>(),
+        one_way in any::<bool>(),
+    ) {
+        let replicas: Vec<ReplicaObserved> = levels
+            .iter()
+            .enumerate()
+            .map(|(i, (sr, down))| replica(&format!("r{i}"), &format!("s{i}"), *sr, (*sr - *down).max(5)))
+            .collect();
+        let strategy = if all_at_once { UpgradeStrategy::AllAtOnce } else { UpgradeStrategy::Staged };
+        let s = spec(target, strategy, one_way, vec![]);
+        let o = FleetObserved { tiers: vec![], replicas };
+        if plan(&compat(), &s, &o).is_ok() {
+            drive(&s, o);
+        }
+    }
+}
