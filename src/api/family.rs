@@ -305,6 +305,10 @@ pub struct PlanStatus {
     /// Why no plan can be carried out, when refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<PlanBlocked>,
+    /// Sync is paused by the plan (an all-at-once upgrade between its pause and resume
+    /// steps): no sync task starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_paused: bool,
 }
 
 /// One step of a plan with its state. `action` says which of the other fields apply.

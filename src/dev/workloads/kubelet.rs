@@ -14,6 +14,10 @@
 //!   starts with a mount path (or holds `=` followed by one, as in `--data=/data`) gets the
 //!   directory in place of the mount path.
 //! - `0.0.0.0` in an argument or env value becomes the pod's address.
+//! - A URL host `NAME.NAMESPACE.svc` (or `.svc.cluster.local`) in an argument or env
+//!   value becomes the address of a pod that Service NAME selects, Ready ones first,
+//!   when the container starts (there is no cluster DNS); a container whose Service has
+//!   no such pod yet waits.
 //! - Init containers run one at a time, in order, each to completion; one that fails is
 //!   run again with back-off (restartPolicy Always or OnFailure) or fails the pod (Never).
 //!   A pod the runner finds already running from an earlier run starts again from its

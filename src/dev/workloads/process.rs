@@ -148,6 +148,69 @@ fn replace_any_address(value: &str, ip: Ipv4Addr) -> String {
     out
 }
 
+/// `value` with each URL host `NAME.NAMESPACE.svc[.cluster.local]` replaced by the
+/// address of a running pod that Service NAME selects (the cluster DNS a real kubelet's
+/// pods have). A Service without such a pod is an error, so the container starts later.
+fn resolve_services(store: &Store, value: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(found) = rest.find("://") {
+        let host_start = found + 3;
+        out.push_str(&rest[..host_start]);
+        let tail = &rest[host_start..];
+        let host_end = tail.find([':', '/', '?']).unwrap_or(tail.len());
+        let host = &tail[..host_end];
+        let host_name = host
+            .strip_suffix(".svc.cluster.local")
+            .or_else(|| host.strip_suffix(".svc"));
+        match host_name.and_then(|h| h.split_once('.')) {
+            Some((service, namespace)) if !service.is_empty() && !namespace.contains('.') => {
+                out.push_str(&service_address(store, namespace, service)?);
+            }
+            _ => out.push_str(host),
+        }
+        rest = &tail[host_end..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The address of a pod with an IP that Service `service` in `namespace` selects (a
+/// Ready one when there is one).
+fn service_address(store: &Store, namespace: &str, service: &str) -> Result<String, String> {
+    let services = ResourceKey::new("", "v1", "services");
+    let object = store
+        .get(&services, namespace, service)
+        .map_err(|_| format!("service {namespace}/{service} does not exist"))?;
+    let selector = at(&object, &["spec", "selector"])
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if selector.is_empty() {
+        return Err(format!("service {namespace}/{service} selects no pods"));
+    }
+    let pods = super::util::list_all(store, &super::util::pods())
+        .into_iter()
+        .filter(|p| namespace_of(p) == namespace)
+        .filter(|p| {
+            selector
+                .iter()
+                .all(|(k, v)| at(p, &["metadata", "labels", k]) == Some(v))
+        })
+        .filter(|p| !text(p, &["status", "podIP"]).is_empty());
+    let ready = |p: &Value| {
+        at(p, &["status", "conditions"])
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    };
+    let mut candidates: Vec<Value> = pods.collect();
+    candidates.sort_by_key(|p| !ready(p));
+    candidates
+        .first()
+        .map(|p| text(p, &["status", "podIP"]).to_string())
+        .ok_or_else(|| format!("service {namespace}/{service} has no pod with an address yet"))
+}
+
 /// Starts one container's process: its own process group, output to its log file.
 pub(super) fn spawn(
     settings: &Settings,
@@ -206,7 +269,16 @@ pub(super) fn spawn(
         argv.remove(0);
     }
     argv.extend(words("args"));
-    let argv: Vec<String> = argv.iter().map(|a| map_value(a, &mounts, ip)).collect();
+    let resolve = |value: String| -> Result<String, WorkloadError> {
+        resolve_services(store, &value).map_err(|message| WorkloadError::Pod {
+            pod: pod_label.clone(),
+            message,
+        })
+    };
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| resolve(map_value(a, &mounts, ip)))
+        .collect::<Result<_, _>>()?;
 
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), PATH.into()),
@@ -224,7 +296,7 @@ pub(super) fn spawn(
         })?;
         if let Some(value) = value {
             env.retain(|(n, _)| *n != var_name);
-            env.push((var_name, map_value(&value, &mounts, ip)));
+            env.push((var_name, resolve(map_value(&value, &mounts, ip))?));
         }
     }
     let working_dir = match text(spec, &["workingDir"]) {
@@ -345,5 +417,35 @@ mod tests {
             map_value("--listen=0.0.0.0:1", &mounts, ip),
             "--listen=127.1.0.7:1"
         );
+    }
+
+    #[test]
+    fn service_names_in_urls_become_a_selected_pods_address() {
+        use crate::dev::objects::{ResourceInfo, WriteOptions};
+        let mut store = Store::default();
+        let services = ResourceKey::new("", "v1", "services");
+        let pods = super::super::util::pods();
+        store.register(services.clone(), ResourceInfo::new("Service", true));
+        store.register(pods.clone(), ResourceInfo::new("Pod", true).with_status_subresource());
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let opts = WriteOptions::default();
+        let service = serde_json::json!({"metadata": {"name": "db"}, "spec": {"selector": {"app": "db"}}});
+        store.create(&services, "ns", service, &opts, now).unwrap();
+        // Not resolvable until a selected pod has an address.
+        let err = resolve_services(&store, "http://db.ns.svc:7400").unwrap_err();
+        assert!(err.contains("no pod with an address"), "{err}");
+        for (name, app, ip) in [("other", "web", "127.1.0.9"), ("db-0", "db", "127.1.0.4")] {
+            let pod = serde_json::json!({"metadata": {"name": name, "labels": {"app": app}}});
+            let mut created = store.create(&pods, "ns", pod, &opts, now).unwrap();
+            created["status"] = serde_json::json!({"podIP": ip});
+            store.update_status(&pods, "ns", name, created, &opts).unwrap();
+        }
+        assert_eq!(resolve_services(&store, "--replica=http://db.ns.svc:7400/v1").unwrap(), "--replica=http://127.1.0.4:7400/v1");
+        assert_eq!(resolve_services(&store, "http://db.ns.svc.cluster.local").unwrap(), "http://127.1.0.4");
+        // Other hosts and plain text are left alone.
+        for same in ["http://example.com:80/x", "db.ns.svc", "http://10.0.0.1:7400"] {
+            assert_eq!(resolve_services(&store, same).unwrap(), same);
+        }
+        assert!(resolve_services(&store, "http://nope.ns.svc:1").unwrap_err().contains("does not exist"));
     }
 }
