@@ -7,10 +7,12 @@
 //! 3. [`packet`]: the packet wire format.
 //! 4. [`replica`]: the replica server (storage, sync, HTTP API, client).
 //! 5. [`operator`]: the controllers, the sync runner, leader election, metrics.
-//! 6. [`dev`]: the embedded cluster: API server, workload runner.
-//! 7. [`cmd`]: what the command line runs (reads files, prints results).
+//! 6. [`client`]: the client tiers' front end (`multisite client`).
+//! 7. [`dev`]: the embedded cluster: API server, workload runner.
+//! 8. [`cmd`]: what the command line runs (reads files, prints results).
 
 pub mod api;
+pub mod client;
 pub mod cmd;
 pub mod dev;
 pub mod domain;

@@ -109,6 +109,30 @@ enum Command {
         )]
         image_pull_policy: String,
     },
+    /// Serve a client tier: a web page and an HTTP API over one replica (list, query,
+    /// view and edit records; a lock mark on records mastered at another replica). The
+    /// tier presents its release to the replica, which refuses a release that cannot
+    /// open its feature levels; the page shows the refusal and /readyz fails meanwhile.
+    Client {
+        /// URL of the replica this tier uses.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The client release this tier runs (e.g. 8.0.1.1).
+        #[arg(long, value_name = "RELEASE")]
+        release: String,
+        /// The family's name (shown on the page).
+        #[arg(long, value_name = "F")]
+        family: String,
+        /// The tier's name (shown on the page).
+        #[arg(long, value_name = "T")]
+        tier: String,
+        /// Address to serve on.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// File holding the family's shared secret.
+        #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+    },
     /// Show a family as the operator sees it: replicas (phase, feature levels,
     /// incarnation, held packets, epochs) and links (last task, lag, errors).
     Status {
@@ -618,6 +642,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     image_pull_policy,
                 },
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Client {
+            replica,
+            release,
+            family,
+            tier,
+            listen,
+            secret_file,
+        } => {
+            init_logging(false);
+            runtime()?.block_on(multisite::cmd::client::serve(multisite::cmd::client::ClientArgs {
+                family,
+                tier,
+                release,
+                replica,
+                listen,
+                secret_file,
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bootstrap;
+pub mod client;
 pub mod crd;
 pub mod dev;
 pub mod operator;

@@ -216,6 +216,124 @@ pub fn family_secret(family: &ReplicaFamily, value: &str) -> Value {
     })
 }
 
+/// The port of a client tier's page and API, named `http`.
+pub const CLIENT_PORT: u16 = 8080;
+
+/// The name of a client tier's Deployment and Service.
+pub fn tier_name(family: &str, tier: &str) -> String {
+    format!("{family}-{tier}")
+}
+
+/// The labels of a client tier's objects (and its pods' selector, without the release).
+fn tier_labels(family: &str, tier: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "multisite-client",
+        "app.kubernetes.io/instance": tier_name(family, tier),
+        "app.kubernetes.io/component": "client",
+        "app.kubernetes.io/part-of": family,
+        "app.kubernetes.io/managed-by": "multisite-operator",
+        "multisite.dev/family": family,
+        "multisite.dev/tier": tier,
+    })
+}
+
+/// The Deployment of client tier `tier` at `release`, using replica `replica`.
+pub fn client_deployment(
+    family: &ReplicaFamily,
+    tier: &crate::api::ClientTier,
+    release: &str,
+    replica: &str,
+    image: &Image,
+) -> Value {
+    let family_name = family.metadata.name.clone().unwrap_or_default();
+    let namespace = family.metadata.namespace.clone().unwrap_or_default();
+    let mut labels = tier_labels(&family_name, &tier.name);
+    labels["multisite.dev/release"] = json!(release);
+    let replica_url = format!("http://{replica}.{namespace}.svc:{API_PORT}");
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": tier_name(&family_name, &tier.name),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": owner(family),
+        },
+        "spec": {
+            "replicas": tier.replicas,
+            "selector": {"matchLabels": {
+                "app.kubernetes.io/name": "multisite-client",
+                "app.kubernetes.io/instance": tier_name(&family_name, &tier.name),
+            }},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "enableServiceLinks": false,
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "client",
+                        "image": image.reference,
+                        "imagePullPolicy": image.pull_policy,
+                        "args": [
+                            "client",
+                            format!("--replica={replica_url}"),
+                            format!("--release={release}"),
+                            format!("--family={family_name}"),
+                            format!("--tier={}", tier.name),
+                            format!("--listen=0.0.0.0:{CLIENT_PORT}"),
+                            format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
+                        ],
+                        "ports": [{"name": "http", "containerPort": CLIENT_PORT, "protocol": "TCP"}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/readyz", "port": "http"},
+                            "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 2
+                        },
+                        "livenessProbe": {
+                            "httpGet": {"path": "/healthz", "port": "http"},
+                            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        },
+                        "volumeMounts": [{"name": "secret", "mountPath": SECRET_DIR, "readOnly": true}]
+                    }],
+                    "volumes": [{
+                        "name": "secret",
+                        "secret": {"secretName": secret_name(&family_name), "defaultMode": 0o440}
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// The Service in front of a client tier's pods.
+pub fn client_service(family: &ReplicaFamily, tier: &str) -> Value {
+    let family_name = family.metadata.name.clone().unwrap_or_default();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": tier_name(&family_name, tier),
+            "namespace": family.metadata.namespace,
+            "labels": tier_labels(&family_name, tier),
+            "ownerReferences": owner(family),
+        },
+        "spec": {
+            "selector": {
+                "app.kubernetes.io/name": "multisite-client",
+                "app.kubernetes.io/instance": tier_name(&family_name, tier),
+            },
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

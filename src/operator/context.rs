@@ -35,6 +35,8 @@ pub struct ManualRequest {
 
 pub struct Ctx {
     pub client: kube::Client,
+    /// Tables 1 and 2, for the upgrade planner.
+    pub compat: crate::domain::compat::Compatibility,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub image: Image,
@@ -73,6 +75,7 @@ impl Ctx {
     ) -> Self {
         Ctx {
             client,
+            compat: crate::domain::compat::Compatibility::builtin(),
             recorder,
             metrics,
             image,

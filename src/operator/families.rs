@@ -327,13 +327,52 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
             .await;
         }
     }
-    // Only the fields this controller owns; the upgrade driver owns plan, clients, gateway.
+    // Client tiers as deployed, then the upgrade plan (which reads them).
+    super::clients::prune(ctx, family).await?;
+    let clients = super::clients::observe(ctx, family).await?;
+    let mut observed_family = family.clone();
+    observed_family
+        .status
+        .get_or_insert_with(Default::default)
+        .clients = clients.clone();
+    let drive = super::upgrade::drive(ctx, &ctx.compat, &observed_family, &members).await?;
+    let plan = drive.status;
+    let key = (namespace.clone(), name.clone());
+    let (progressing, reason, message) = match (&plan.blocked, &drive.waiting) {
+        (Some(blocked), _) => (false, "UpgradeRefused".to_string(), blocked.reason.clone()),
+        (None, Some(waiting)) if family.spec.paused => (true, "Paused".to_string(), waiting.clone()),
+        (None, Some(waiting)) => (true, "Upgrading".to_string(), waiting.clone()),
+        (None, None) if drive.progressing => (
+            true,
+            "Upgrading".to_string(),
+            format!("carrying out step {} of {}", plan.current + 1, plan.steps.len()),
+        ),
+        (None, None) => verdicts.progressing.clone(),
+    };
+    conditions::set_condition(
+        &mut status.conditions,
+        PROGRESSING,
+        progressing,
+        &reason,
+        &message,
+        family.metadata.generation,
+        now.clone(),
+    );
+    let refused = plan.blocked.is_some();
+    if refused && ctx.announce(&key, "UpgradeRefused", true) != Some(true) {
+        ctx.event(family, true, "UpgradeRefused", "Plan", message.clone())
+            .await;
+    } else if !refused {
+        ctx.announce(&key, "UpgradeRefused", false);
+    }
     let mut ours = old.clone();
     ours.observed_generation = status.observed_generation;
     ours.conditions = status.conditions;
     ours.feature_level = status.feature_level;
     ours.max_lag_changes = status.max_lag_changes;
     ours.links = status.links;
+    ours.clients = clients;
+    ours.plan = Some(plan);
     if ours != old {
         apply_status(
             &api,
@@ -344,6 +383,9 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
                 "featureLevel": ours.feature_level,
                 "maxLagChanges": ours.max_lag_changes,
                 "links": ours.links,
+                "clients": ours.clients,
+                "plan": ours.plan,
+                "gateway": ours.gateway,
             }),
         )
         .await?;

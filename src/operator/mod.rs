@@ -8,6 +8,7 @@
 //! replicas, so a restarted operator picks up where the last one stopped.
 
 pub mod builders;
+pub mod clients;
 pub mod context;
 pub mod families;
 pub mod leader;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod others;
 pub mod replicas;
 pub mod sync;
+pub mod upgrade;
 
 use crate::api::Replica;
 use crate::api::ReplicaFamily;

@@ -203,6 +203,12 @@ fn tick(
             fs.checked.remove(&link);
         }
         let timetable = timetable_of(&family);
+        // An all-at-once upgrade between its pause and resume steps: no task starts.
+        let paused = family
+            .status
+            .as_ref()
+            .and_then(|s| s.plan.as_ref())
+            .is_some_and(|p| p.sync_paused);
         let mut due = Vec::new();
         for (link, settings) in &wanted {
             fs.state.entry(link.clone()).or_default();
@@ -223,7 +229,7 @@ fn tick(
                 spawn_check(ctx, key.clone(), link.clone(), &fs.endpoints, done);
             }
             // Only links that may run on their own come due; others wait for a person.
-            if gates.refusal(Trigger::Scheduled).is_none() {
+            if gates.refusal(Trigger::Scheduled).is_none() && !paused {
                 let last = fs.last_due.get(link).copied().unwrap_or_default();
                 let now_due = timetable.due_at(last, now);
                 let entry = fs.last_due.entry(link.clone()).or_default();
@@ -239,6 +245,10 @@ fn tick(
         manual.retain(|request| {
             if request.family != key {
                 return true;
+            }
+            if paused {
+                tracing::info!(family = %key.1, "manual task dropped: sync is paused by the upgrade plan");
+                return false;
             }
             for link in wanted.keys() {
                 let wanted_link = request

@@ -201,8 +201,16 @@ pub async fn drive(
             waiting: Some(format!("waiting for replica {} to be Active", r.name_any())),
         });
     }
-    let observed = observe(ctx, family, &active).await?;
-    let planned = planner::plan_from(compat, &planner::fleet_spec(family), &observed, paused_sync);
+    // The Replica statuses first: when they show nothing to do, no replica is asked.
+    let cached: Vec<Replica> = active.iter().map(|r| (**r).clone()).collect();
+    let spec = planner::fleet_spec(family);
+    let quick = planner::plan_from(compat, &spec, &planner::fleet_observed(family, &cached), paused_sync);
+    let planned = if quick.as_ref().is_ok_and(|p| p.steps.is_empty()) {
+        quick
+    } else {
+        let observed = observe(ctx, family, &active).await?;
+        planner::plan_from(compat, &spec, &observed, paused_sync)
+    };
     let held = family.spec.paused;
     let mut status = next_status(previous.as_ref(), family.spec.feature_level, &planned, held);
     let Ok(plan) = planned else {

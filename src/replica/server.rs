@@ -713,6 +713,39 @@ fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiRe
     Ok(())
 }
 
+/// What `GET /v1/session` answers a client whose release may open this replica.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    pub family: String,
+    pub replica: String,
+    pub release: String,
+    pub schema_repository_feature_level: i32,
+    pub user_database_feature_level: i32,
+}
+
+/// Opens a client session: refused (403, saying which release would do) when the
+/// presented release cannot open this replica's feature levels.
+async fn session(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<Session>> {
+    r.with_store(move |store, replica| {
+        check_release(replica, store, &headers)?;
+        let levels = store.levels()?;
+        let release = headers
+            .get(RELEASE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok(Json(Session {
+            family: store.identity().family.clone(),
+            replica: store.identity().replica.clone(),
+            release,
+            schema_repository_feature_level: levels.schema_repository,
+            user_database_feature_level: levels.user_database,
+        }))
+    })
+    .await
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CreateBody {
@@ -1283,6 +1316,7 @@ pub fn router(replica: Shared) -> Router {
     let packet_limit = replica.limits.max_packet_bytes;
     let api = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/session", get(session))
         .route(
             "/v1/bootstrap",
             get(already_bootstrapped).post(already_bootstrapped),

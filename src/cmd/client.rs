@@ -1,0 +1,42 @@
+//! `multisite client`: serves a client tier's page and API until SIGINT or SIGTERM.
+
+use crate::client::{ClientTier, router};
+use crate::replica::http::ReplicaClient;
+use anyhow::Context;
+use std::sync::Arc;
+
+pub struct ClientArgs {
+    pub family: String,
+    pub tier: String,
+    pub release: String,
+    pub replica: String,
+    pub listen: String,
+    pub secret_file: Option<std::path::PathBuf>,
+}
+
+pub async fn serve(args: ClientArgs) -> anyhow::Result<()> {
+    let compat = crate::domain::compat::Compatibility::builtin();
+    compat
+        .release_row(&args.release)
+        .map_err(|e| anyhow::anyhow!("--release {}: {e}", args.release))?;
+    let secret = crate::cmd::replica::load_secret(args.secret_file.as_deref())?;
+    let tier = Arc::new(ClientTier {
+        family: args.family,
+        tier: args.tier,
+        release: args.release.clone(),
+        replica_url: args.replica.clone(),
+        client: ReplicaClient::new(secret.api_token, Some(args.release))
+            .with_timeout(std::time::Duration::from_secs(30)),
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    println!("client tier {} listening on http://{address}, replica {}", tier.tier, args.replica);
+    tracing::info!(tier = %tier.tier, release = %tier.release, replica = %args.replica, %address, "serving");
+    axum::serve(listener, router(tier))
+        .with_graceful_shutdown(crate::cmd::replica::shutdown_signal())
+        .await
+        .context("the client server stopped")?;
+    Ok(())
+}
