@@ -653,14 +653,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret_file,
         } => {
             init_logging(false);
-            runtime()?.block_on(multisite::cmd::client::serve(multisite::cmd::client::ClientArgs {
-                family,
-                tier,
-                release,
-                replica,
-                listen,
-                secret_file,
-            }))?;
+            runtime()?.block_on(multisite::cmd::client::serve(
+                multisite::cmd::client::ClientArgs {
+                    family,
+                    tier,
+                    release,
+                    replica,
+                    listen,
+                    secret_file,
+                },
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {

@@ -325,6 +325,22 @@ impl Env {
                 "wide",
             ],
             vec!["get", "replicas", "-n", &self.namespace, "-o", "yaml"],
+            vec![
+                "get",
+                "replicafamilies",
+                "-n",
+                &self.namespace,
+                "-o",
+                "jsonpath={.items[*].status.plan}{\"\\n\"}{.items[*].status.conditions}{\"\\n\"}{.items[*].status.clients}",
+            ],
+            vec![
+                "get",
+                "deployments,pods",
+                "-n",
+                &self.namespace,
+                "-o",
+                "wide",
+            ],
         ] {
             let o = self.kubectl(&args);
             out.push_str(&text(&o.stdout));
@@ -635,6 +651,18 @@ fn fleet(
     replicas: &[(&str, &str, Option<&str>)],
     sync: &str,
 ) -> String {
+    fleet_at(family, sites, replicas, sync, 7, "")
+}
+
+/// [`fleet`] at feature level `level`, with more `spec` lines (indented two spaces).
+fn fleet_at(
+    family: &str,
+    sites: &[&str],
+    replicas: &[(&str, &str, Option<&str>)],
+    sync: &str,
+    level: i32,
+    spec: &str,
+) -> String {
     let mut out = String::new();
     for site in sites {
         out.push_str(&format!(
@@ -643,7 +671,7 @@ fn fleet(
     }
     out.push_str(&format!(
         "apiVersion: multisite.dev/v1alpha1\nkind: ReplicaFamily\nmetadata: {{name: {family}}}\n\
-         spec:\n  idPrefix: SAMPL\n  featureLevel: 7\n  sync: {{incrementalIntervalSeconds: 1{sync}}}\n---\n"
+         spec:\n  idPrefix: SAMPL\n  featureLevel: {level}\n{spec}  sync: {{incrementalIntervalSeconds: 1{sync}}}\n---\n"
     ));
     for (name, site, from) in replicas {
         out.push_str(&replica_yaml(family, name, site, *from));
@@ -1131,4 +1159,441 @@ fn two_operators_only_the_leader_acts() {
     env.wait_converged(&client, &NAMES, &ids);
     assert!(scrape(standby_metrics).is_some_and(|m| m.contains("multisite_leader 1")));
     drop(standby);
+}
+
+// ---------------------------------------------------------------------------------
+// Staged upgrades, client tiers
+// ---------------------------------------------------------------------------------
+
+impl Env {
+    fn levels(&self, name: &str) -> Option<(i32, i32)> {
+        let status = self.replica(name)?.status?;
+        Some((
+            status.schema_repository_feature_level?,
+            status.user_database_feature_level?,
+        ))
+    }
+
+    fn plan(&self, family: &str) -> Option<multisite::api::PlanStatus> {
+        self.family(family).status?.plan
+    }
+
+    /// Waits until the family's plan has run to its end at `level`.
+    fn wait_upgraded(
+        &self,
+        family: &str,
+        names: &[&str],
+        level: i32,
+    ) -> multisite::api::PlanStatus {
+        self.wait(
+            &format!("every replica is at ({level}, {level}) and the plan is done"),
+            || {
+                let plan = self.plan(family)?;
+                let done = plan.target_feature_level == Some(level)
+                    && !plan.steps.is_empty()
+                    && plan
+                        .steps
+                        .iter()
+                        .all(|s| s.state == multisite::api::StepState::Done)
+                    && !plan.sync_paused;
+                let levels = names.iter().all(|n| self.levels(n) == Some((level, level)));
+                (done && levels).then_some(plan)
+            },
+        )
+    }
+
+    fn condition(
+        &self,
+        family: &str,
+        type_: &str,
+    ) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        self.family(family)
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+    }
+}
+
+/// Writes records round the replicas until `stop` is set; returns the ids written.
+fn write_throughout(
+    env: &Env,
+    client: &ReplicaClient,
+    names: &[&str],
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<String>, usize) {
+    let urls: Vec<String> = names.iter().map(|n| env.url(n)).collect();
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    let mut i = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let url = &urls[i % urls.len()];
+        let body =
+            json!({"type": "Defect", "fields": {"headline": format!("during the upgrade {i}")}});
+        match env.rt.block_on(client.send_json::<Value>(
+            hyper::Method::POST,
+            url,
+            "/v1/records",
+            &body,
+        )) {
+            Ok(item) => ids.push(item["id"].as_str().unwrap_or_default().to_string()),
+            // A replica between the two steps of a paired move, or restarting: try the next.
+            Err(_) => refused += 1,
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    (ids, refused)
+}
+
+/// Three sites from FL 6 to 8, staged, packets flowing one way meanwhile; records are
+/// written at every site throughout, and every one of them reaches every replica.
+#[test]
+fn staged_six_to_eight_loses_no_record() {
+    let env = Env::start("staged", 8, false);
+    env.apply(&fleet_at(
+        "sampl",
+        &SITES,
+        &THREE,
+        "",
+        6,
+        "  allowUnidirectionalReplication: true\n",
+    ));
+    env.wait_active(&NAMES);
+    let client = env.client("sampl");
+    let before = set([env.write(&client, "sampl-paris", 5, "before")]);
+    env.wait_converged(&client, &NAMES, &before);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (written, refused, plan) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| write_throughout(&env, &client, &NAMES, &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        env.patch_family("sampl", json!({"spec": {"featureLevel": 8}}));
+        let plan = env.wait_upgraded("sampl", &NAMES, 8);
+        // Keep writing a little after the last raise.
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (ids, refused) = writer.join().expect("the writer");
+        (ids, refused, plan)
+    });
+    let written = set([written]);
+    eprintln!(
+        "[staged] records written during the upgrade: {} (attempts refused: {refused}); plan of {} steps",
+        written.len(),
+        plan.steps.len()
+    );
+    assert!(
+        written.len() >= 50,
+        "too few records written during the upgrade: {}",
+        written.len()
+    );
+    // Schema repositories before user databases: the first raise is a repository's.
+    let actions: Vec<multisite::api::PlanAction> = plan.steps.iter().map(|s| s.action).collect();
+    assert_eq!(
+        actions.first(),
+        Some(&multisite::api::PlanAction::RaiseSchemaRepository)
+    );
+    assert_eq!(plan.steps.len(), 12, "{actions:?}");
+    let all: BTreeSet<String> = before.union(&written).cloned().collect();
+    env.wait_converged(&client, &NAMES, &all);
+    let arrived: Vec<usize> = NAMES
+        .iter()
+        .map(|n| {
+            env.defects(&client, n)
+                .map(|d| written.iter().filter(|id| d.contains_key(*id)).count())
+                .unwrap_or(0)
+        })
+        .collect();
+    eprintln!("[staged] of them, arrived at tokyo, paris, austin: {arrived:?}");
+    assert!(arrived.iter().all(|n| *n == written.len()));
+    // The held packets drained.
+    env.wait("no packet is held anywhere", || {
+        NAMES
+            .iter()
+            .all(|n| {
+                env.replica(n)
+                    .and_then(|r| r.status)
+                    .is_some_and(|s| s.held_packets == 0)
+            })
+            .then_some(())
+    });
+}
+
+/// Without one-way replication a staged cross-site raise is refused, with the reason
+/// in a condition, and nothing changes; all-at-once then pauses sync, raises, resumes.
+#[test]
+fn a_refused_plan_changes_nothing_until_the_spec_allows_it() {
+    let env = Env::start("refused", 9, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    env.patch_family("sampl", json!({"spec": {"featureLevel": 8}}));
+    let condition = env.wait("the family says the plan is refused", || {
+        env.condition("sampl", "Progressing")
+            .filter(|c| c.reason == "UpgradeRefused")
+    });
+    assert_eq!(condition.status, "False");
+    assert!(
+        condition.message.contains("AllAtOnce")
+            && condition.message.contains("allowUnidirectionalReplication"),
+        "{}",
+        condition.message
+    );
+    assert!(env.plan("sampl").and_then(|p| p.blocked).is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        NAMES.iter().all(|n| env.levels(n) == Some((7, 7))),
+        "a refused plan changed a replica"
+    );
+
+    env.patch_family("sampl", json!({"spec": {"upgradeStrategy": "AllAtOnce"}}));
+    let plan = env.wait_upgraded("sampl", &NAMES, 8);
+    let actions: Vec<multisite::api::PlanAction> = plan.steps.iter().map(|s| s.action).collect();
+    assert_eq!(
+        actions.first(),
+        Some(&multisite::api::PlanAction::PauseSync),
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.last(),
+        Some(&multisite::api::PlanAction::ResumeSync),
+        "{actions:?}"
+    );
+    let client = env.client("sampl");
+    let after = set([env.write(&client, "sampl-austin", 3, "after")]);
+    env.wait_converged(&client, &NAMES, &after);
+}
+
+/// A client tier whose release cannot open the target holds the raise back; once the
+/// tier is set to a newer release, it is rolled out (all pods ready) before any raise.
+/// Its page marks records mastered elsewhere; a client of an old release is refused.
+#[test]
+fn an_old_client_tier_blocks_the_raise_until_it_is_upgraded() {
+    let env = Env::start("clients", 10, false);
+    let tier = "  clients:\n    - {name: web, release: \"7.1.2\", replicas: 1, site: tokyo}\n  allowUnidirectionalReplication: true\n";
+    env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, tier));
+    env.wait_active(&NAMES);
+    env.wait("client tier web runs release 7.1.2", || {
+        let clients = env.family("sampl").status?.clients;
+        clients
+            .iter()
+            .any(|c| {
+                c.name == "web" && c.release.as_deref() == Some("7.1.2") && c.ready_replicas == 1
+            })
+            .then_some(())
+    });
+    let client = env.client("sampl");
+    let at_paris = env.write(&client, "sampl-paris", 1, "paris's")[0].clone();
+    env.wait_converged(&client, &NAMES, &set([vec![at_paris.clone()]]));
+
+    // The tier's page, fetched through its pod, marks paris's record as locked here.
+    if env.embedded() {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(env.kube.clone(), &env.namespace);
+        let ip = env.wait("the web tier's pod has an address", || {
+            let list = env
+                .rt
+                .block_on(
+                    pods.list(
+                        &kube::api::ListParams::default()
+                            .labels("app.kubernetes.io/name=multisite-client"),
+                    ),
+                )
+                .ok()?;
+            list.items.into_iter().find_map(|p| p.status?.pod_ip)
+        });
+        let page = http_get(&format!("{ip}:8080"), "/");
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        let row = page
+            .split("<tr")
+            .find(|r| r.contains(&at_paris))
+            .unwrap_or_else(|| panic!("no row for {at_paris}: {page}"));
+        assert!(row.contains("🔒 mastered at sampl-paris"), "{row}");
+        let view = http_get(&format!("{ip}:8080"), &format!("/records/{at_paris}"));
+        assert!(
+            view.contains("id=\"lock\"") && view.contains("disabled"),
+            "{view}"
+        );
+    }
+
+    env.patch_family("sampl", json!({"spec": {"featureLevel": 8}}));
+    let condition = env.wait("the raise is refused because of the tier", || {
+        env.condition("sampl", "Progressing")
+            .filter(|c| c.reason == "UpgradeRefused")
+    });
+    assert!(
+        condition.message.contains("client tier web"),
+        "{}",
+        condition.message
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(NAMES.iter().all(|n| env.levels(n) == Some((7, 7))));
+
+    env.patch_family("sampl", json!({"spec": {"clients": [{"name": "web", "release": "8.0.1.1", "replicas": 1, "site": "tokyo"}]}}));
+    let plan = env.wait_upgraded("sampl", &NAMES, 8);
+    assert_eq!(
+        plan.steps[0].action,
+        multisite::api::PlanAction::UpgradeClients,
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(plan.steps[0].release.as_deref(), Some("8.0.1.1"));
+    assert!(
+        plan.steps[1..]
+            .iter()
+            .all(|s| s.action != multisite::api::PlanAction::UpgradeClients)
+    );
+    let clients = env.family("sampl").status.expect("status").clients;
+    assert_eq!(clients[0].release.as_deref(), Some("8.0.1.1"));
+
+    // A client of the old release is refused by a replica at FL 8, visibly.
+    if env.embedded() {
+        let Mode::Embedded { dir, .. } = &env.mode else {
+            unreachable!()
+        };
+        let secrets: Api<Secret> = Api::namespaced(env.kube.clone(), &env.namespace);
+        let secret = env
+            .rt
+            .block_on(secrets.get("sampl-secret"))
+            .expect("secret");
+        let secret_file = dir.join("client.secret");
+        std::fs::write(&secret_file, &secret.data.expect("data")["secret"].0)
+            .expect("write the secret");
+        let port = free_port();
+        let _old = Proc(
+            Command::new(BIN)
+                .args([
+                    "client",
+                    "--release",
+                    "7.1.2",
+                    "--family",
+                    "sampl",
+                    "--tier",
+                    "old",
+                ])
+                .arg(format!("--replica={}", env.url("sampl-tokyo")))
+                .arg(format!("--listen=127.0.0.1:{port}"))
+                .arg("--secret-file")
+                .arg(&secret_file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start an old client"),
+        );
+        let page = env.wait("the old client serves its page", || {
+            let page = http_get(&format!("127.0.0.1:{port}"), "/");
+            (!page.is_empty()).then_some(page)
+        });
+        assert!(page.starts_with("HTTP/1.1 403"), "{page}");
+        assert!(
+            page.contains("Refused by the replica") && page.contains("cannot open"),
+            "{page}"
+        );
+        assert!(http_get(&format!("127.0.0.1:{port}"), "/readyz").starts_with("HTTP/1.1 503"));
+    }
+}
+
+/// A paused plan is published but not carried out; unpaused it runs, and an operator
+/// killed in the middle of it resumes at the right step (no step twice).
+#[test]
+fn a_paused_plan_holds_and_a_restarted_operator_resumes_it() {
+    let mut env = Env::start("resume", 11, false);
+    env.apply(&fleet_at(
+        "sampl",
+        &SITES,
+        &THREE,
+        "",
+        6,
+        "  allowUnidirectionalReplication: true\n  paused: true\n",
+    ));
+    env.wait_active(&NAMES);
+    env.patch_family("sampl", json!({"spec": {"featureLevel": 8}}));
+    let held = env.wait("the plan is published and held", || {
+        let plan = env.plan("sampl")?;
+        (plan.target_feature_level == Some(8) && !plan.steps.is_empty()).then_some(plan)
+    });
+    assert!(
+        held.steps
+            .iter()
+            .all(|s| s.state == multisite::api::StepState::Pending),
+        "{:?}",
+        held.steps
+    );
+    assert_eq!(
+        env.condition("sampl", "Progressing")
+            .map(|c| c.reason)
+            .as_deref(),
+        Some("Paused")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        NAMES.iter().all(|n| env.levels(n) == Some((6, 6))),
+        "a held plan raised a replica"
+    );
+    let planned = held.steps.len();
+
+    env.patch_family("sampl", json!({"spec": {"paused": false}}));
+    env.wait("the plan is under way", || {
+        let plan = env.plan("sampl")?;
+        (plan.current >= 1).then_some(())
+    });
+    // Held again mid-way, then the operator dies and a new one takes over.
+    env.patch_family("sampl", json!({"spec": {"paused": true}}));
+    let mid = env.wait("the plan holds mid-way", || {
+        let plan = env.plan("sampl")?;
+        plan.steps
+            .iter()
+            .all(|s| s.state != multisite::api::StepState::Running)
+            .then_some(plan)
+    });
+    let done_mid = mid
+        .steps
+        .iter()
+        .filter(|s| s.state == multisite::api::StepState::Done)
+        .count();
+    assert!(
+        done_mid < planned,
+        "the plan ran to its end before it could be held: {:?}",
+        mid.steps
+    );
+    env.kill_operator();
+    std::thread::sleep(Duration::from_secs(1));
+    env.start_operator();
+    std::thread::sleep(Duration::from_secs(3));
+    let after_restart = env.plan("sampl").expect("a plan");
+    assert_eq!(
+        after_restart
+            .steps
+            .iter()
+            .filter(|s| s.state == multisite::api::StepState::Done)
+            .count(),
+        done_mid,
+        "a held plan moved after the restart: {:?}",
+        after_restart.steps
+    );
+    env.patch_family("sampl", json!({"spec": {"paused": false}}));
+    let plan = env.wait_upgraded("sampl", &NAMES, 8);
+    assert_eq!(plan.steps.len(), planned, "{:?}", plan.steps);
+    let mut seen = BTreeSet::new();
+    for step in &plan.steps {
+        let key = format!(
+            "{:?} {:?} {:?}",
+            step.action, step.replica, step.feature_level
+        );
+        assert!(seen.insert(key.clone()), "step done twice: {key}");
+    }
+}
+
+/// A GET over plain HTTP/1.1; the whole answer, or "" when nobody answers.
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }

@@ -132,7 +132,13 @@ async fn index(State(t): State<Shared>, Query(query): Query<BTreeMap<String, Str
         escape(query.get("value").map(String::as_str).unwrap_or("")),
     );
     for item in &items {
-        let field = |name: &str| item.fields.get(name).and_then(Value::as_str).unwrap_or("").to_string();
+        let field = |name: &str| {
+            item.fields
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         let lock = lock_mark(item, &session.replica)
             .map(|m| format!(" <span class=\"lock\" title=\"{0}\">{0}</span>", escape(&m)))
             .unwrap_or_default();
@@ -156,18 +162,32 @@ async fn view(State(t): State<Shared>, Path(id): Path<String>) -> Response {
         Ok(s) => s,
         Err(e) => return refused_page(&t, &e),
     };
-    let item: ItemView = match t.client.get_json(&t.replica_url, &format!("/v1/records/{}", encode(&id))).await {
+    let item: ItemView = match t
+        .client
+        .get_json(&t.replica_url, &format!("/v1/records/{}", encode(&id)))
+        .await
+    {
         Ok(item) => item,
         Err(e) => return refused_page(&t, &e),
     };
     let lock = lock_mark(&item, &session.replica);
     let mut body = format!("<h1>{}</h1>", escape(&item.id));
     if let Some(lock) = &lock {
-        let _ = write!(body, "<p class=\"lock\" id=\"lock\">{}: change it there, or move its mastership here</p>", escape(lock));
+        let _ = write!(
+            body,
+            "<p class=\"lock\" id=\"lock\">{}: change it there, or move its mastership here</p>",
+            escape(lock)
+        );
     }
-    body.push_str(&format!("<form method=\"post\" action=\"/records/{}\"><table>", escape(&item.id)));
+    body.push_str(&format!(
+        "<form method=\"post\" action=\"/records/{}\"><table>",
+        escape(&item.id)
+    ));
     for (name, value) in &item.fields {
-        let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+        let text = value
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
         let _ = write!(
             body,
             "<tr><td>{0}</td><td><input name=\"{0}\" value=\"{1}\"{2}></td></tr>",
@@ -192,7 +212,12 @@ async fn edit(
     let body = json!({"fields": fields});
     match t
         .client
-        .send_json::<Value>(hyper::Method::PATCH, &t.replica_url, &format!("/v1/records/{}", encode(&id)), &body)
+        .send_json::<Value>(
+            hyper::Method::PATCH,
+            &t.replica_url,
+            &format!("/v1/records/{}", encode(&id)),
+            &body,
+        )
         .await
     {
         Ok(_) => Redirect::to(&format!("/records/{}", encode(&id))).into_response(),
@@ -202,14 +227,21 @@ async fn edit(
 
 async fn create(State(t): State<Shared>, Form(fields): Form<BTreeMap<String, String>>) -> Response {
     let body = json!({"type": "Defect", "fields": fields});
-    match t.client.send_json::<ItemView>(hyper::Method::POST, &t.replica_url, "/v1/records", &body).await {
+    match t
+        .client
+        .send_json::<ItemView>(hyper::Method::POST, &t.replica_url, "/v1/records", &body)
+        .await
+    {
         Ok(item) => Redirect::to(&format!("/records/{}", encode(&item.id))).into_response(),
         Err(e) => refused_page(&t, &e),
     }
 }
 
 /// `GET /api/records`: the records with `locked` and `master` for each.
-async fn api_list(State(t): State<Shared>, Query(query): Query<BTreeMap<String, String>>) -> Response {
+async fn api_list(
+    State(t): State<Shared>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
     let session = match t.session().await {
         Ok(s) => s,
         Err(e) => return api_error(e),
@@ -227,16 +259,29 @@ async fn api_list(State(t): State<Shared>, Query(query): Query<BTreeMap<String, 
 }
 
 async fn api_get(State(t): State<Shared>, Path(id): Path<String>) -> Response {
-    match t.client.get_json::<Value>(&t.replica_url, &format!("/v1/records/{}", encode(&id))).await {
+    match t
+        .client
+        .get_json::<Value>(&t.replica_url, &format!("/v1/records/{}", encode(&id)))
+        .await
+    {
         Ok(item) => Json(item).into_response(),
         Err(e) => api_error(e),
     }
 }
 
-async fn api_patch(State(t): State<Shared>, Path(id): Path<String>, Json(body): Json<Value>) -> Response {
+async fn api_patch(
+    State(t): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
     match t
         .client
-        .send_json::<Value>(hyper::Method::PATCH, &t.replica_url, &format!("/v1/records/{}", encode(&id)), &body)
+        .send_json::<Value>(
+            hyper::Method::PATCH,
+            &t.replica_url,
+            &format!("/v1/records/{}", encode(&id)),
+            &body,
+        )
         .await
     {
         Ok(item) => Json(item).into_response(),
@@ -245,7 +290,11 @@ async fn api_patch(State(t): State<Shared>, Path(id): Path<String>, Json(body): 
 }
 
 async fn api_create(State(t): State<Shared>, Json(body): Json<Value>) -> Response {
-    match t.client.send_json::<Value>(hyper::Method::POST, &t.replica_url, "/v1/records", &body).await {
+    match t
+        .client
+        .send_json::<Value>(hyper::Method::POST, &t.replica_url, "/v1/records", &body)
+        .await
+    {
         Ok(item) => (StatusCode::CREATED, Json(item)).into_response(),
         Err(e) => api_error(e),
     }
@@ -278,7 +327,10 @@ mod tests {
 
     #[test]
     fn escaping_and_lock_marks() {
-        assert_eq!(escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
         let item = ItemView {
             id: "SAMPL00001".into(),
             item_type: "Defect".into(),
@@ -288,7 +340,10 @@ mod tests {
             deleted: false,
             owner: None,
         };
-        assert_eq!(lock_mark(&item, "tokyo").as_deref(), Some("🔒 mastered at paris"));
+        assert_eq!(
+            lock_mark(&item, "tokyo").as_deref(),
+            Some("🔒 mastered at paris")
+        );
         assert_eq!(lock_mark(&item, "paris"), None);
         assert_eq!(encode("a b&c"), "a%20b%26c");
     }

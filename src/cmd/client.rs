@@ -32,7 +32,10 @@ pub async fn serve(args: ClientArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    println!("client tier {} listening on http://{address}, replica {}", tier.tier, args.replica);
+    println!(
+        "client tier {} listening on http://{address}, replica {}",
+        tier.tier, args.replica
+    );
     tracing::info!(tier = %tier.tier, release = %tier.release, replica = %args.replica, %address, "serving");
     axum::serve(listener, router(tier))
         .with_graceful_shutdown(crate::cmd::replica::shutdown_signal())

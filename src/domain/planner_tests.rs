@@ -881,7 +881,10 @@ fn drive(s: &FleetSpec, start: FleetObserved) -> Vec<Step> {
     let mut observed = start;
     let mut paused = false;
     let mut done = Vec::new();
-    let first = plan_from(&compat, s, &observed, paused).expect("a plan").steps.len();
+    let first = plan_from(&compat, s, &observed, paused)
+        .expect("a plan")
+        .steps
+        .len();
     loop {
         let next = plan_from(&compat, s, &observed, paused)
             .unwrap_or_else(|r| panic!("refused mid-way after {done:?}: {r}"));
@@ -898,25 +901,39 @@ fn drive(s: &FleetSpec, start: FleetObserved) -> Vec<Step> {
                     observed.tiers.push(seen(tier, release));
                 }
             }
-            Step::RaiseSchemaRepository { replica, feature_level } => {
+            Step::RaiseSchemaRepository {
+                replica,
+                feature_level,
+            } => {
                 for r in observed.replicas.iter_mut().filter(|r| r.name == *replica) {
                     r.pair = r.pair.map(|p| FlPair::new(*feature_level, p.user_database));
                 }
             }
-            Step::RaiseUserDatabase { replica, feature_level } => {
+            Step::RaiseUserDatabase {
+                replica,
+                feature_level,
+            } => {
                 for r in observed.replicas.iter_mut().filter(|r| r.name == *replica) {
-                    r.pair = r.pair.map(|p| FlPair::new(p.schema_repository, *feature_level));
+                    r.pair = r
+                        .pair
+                        .map(|p| FlPair::new(p.schema_repository, *feature_level));
                 }
             }
             Step::PauseSync => paused = true,
             Step::ResumeSync => paused = false,
         }
         done.push(step);
-        assert!(done.len() <= first, "the driver took more steps than planned: {done:?}");
+        assert!(
+            done.len() <= first,
+            "the driver took more steps than planned: {done:?}"
+        );
     }
     assert!(!paused, "sync left paused");
     let target = FlPair::new(s.target, s.target);
-    assert!(observed.replicas.iter().all(|r| r.pair == Some(target)), "{observed:?}");
+    assert!(
+        observed.replicas.iter().all(|r| r.pair == Some(target)),
+        "{observed:?}"
+    );
     assert_eq!(done.len(), first);
     done
 }
@@ -926,23 +943,47 @@ fn replanning_after_every_step_reaches_the_target() {
     let web = || vec![tier("web", "8.0.1.1")];
     let staged = drive(
         &spec(8, UpgradeStrategy::Staged, true, web()),
-        FleetObserved { tiers: vec![seen("web", "7.0.1.0")], replicas: three_sites(6, 6) },
+        FleetObserved {
+            tiers: vec![seen("web", "7.0.1.0")],
+            replicas: three_sites(6, 6),
+        },
     );
-    assert_eq!(staged[0], Step::UpgradeClients { tier: "web".into(), release: "8.0.1.1".into() });
+    assert_eq!(
+        staged[0],
+        Step::UpgradeClients {
+            tier: "web".into(),
+            release: "8.0.1.1".into()
+        }
+    );
     let all = drive(
         &spec(8, UpgradeStrategy::AllAtOnce, false, web()),
-        FleetObserved { tiers: vec![seen("web", "8.0.1.1")], replicas: three_sites(7, 7) },
+        FleetObserved {
+            tiers: vec![seen("web", "8.0.1.1")],
+            replicas: three_sites(7, 7),
+        },
     );
     assert_eq!(all.first(), Some(&Step::PauseSync));
     assert_eq!(all.last(), Some(&Step::ResumeSync));
     // Paused with every replica raised already: only the resume is left.
     let s = spec(8, UpgradeStrategy::AllAtOnce, false, vec![]);
-    let o = FleetObserved { tiers: vec![], replicas: three_sites(8, 8) };
-    assert_eq!(plan_from(&compat(), &s, &o, true).unwrap().steps, vec![Step::ResumeSync]);
+    let o = FleetObserved {
+        tiers: vec![],
+        replicas: three_sites(8, 8),
+    };
+    assert_eq!(
+        plan_from(&compat(), &s, &o, true).unwrap().steps,
+        vec![Step::ResumeSync]
+    );
     // Paused under a staged plan (the strategy changed): resumed first.
     let s = spec(8, UpgradeStrategy::Staged, true, vec![]);
-    let o = FleetObserved { tiers: vec![], replicas: three_sites(7, 7) };
-    assert_eq!(plan_from(&compat(), &s, &o, true).unwrap().steps[0], Step::ResumeSync);
+    let o = FleetObserved {
+        tiers: vec![],
+        replicas: three_sites(7, 7),
+    };
+    assert_eq!(
+        plan_from(&compat(), &s, &o, true).unwrap().steps[0],
+        Step::ResumeSync
+    );
 }
 
 proptest! {

@@ -34,7 +34,10 @@ pub async fn roll_out(
     let Some(replica) = replica_for(ctx, family, spec) else {
         return Ok(format!(
             "client tier {tier} waits for an Active replica{}",
-            spec.site.as_ref().map(|s| format!(" at site {s}")).unwrap_or_default()
+            spec.site
+                .as_ref()
+                .map(|s| format!(" at site {s}"))
+                .unwrap_or_default()
         ));
     };
     let namespace = family.namespace().unwrap_or_default();
@@ -59,7 +62,9 @@ pub async fn roll_out(
             "Upgrade",
             format!(
                 "client tier {tier}: rolling out release {release}{} over replica {replica}",
-                old_release.map(|r| format!(" (was {r})")).unwrap_or_default()
+                old_release
+                    .map(|r| format!(" (was {r})"))
+                    .unwrap_or_default()
             ),
         )
         .await;
@@ -75,7 +80,10 @@ pub async fn roll_out(
 }
 
 /// Each tier as deployed: its release once every pod runs it and is ready.
-pub async fn observe(ctx: &Ctx, family: &ReplicaFamily) -> Result<Vec<ClientTierStatus>, OperatorError> {
+pub async fn observe(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+) -> Result<Vec<ClientTierStatus>, OperatorError> {
     let namespace = family.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut out = Vec::new();
@@ -121,15 +129,31 @@ pub async fn prune(ctx: &Ctx, family: &ReplicaFamily) -> Result<(), OperatorErro
     );
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    for deployment in deployments.list(&ListParams::default().labels(&selector)).await? {
-        let tier = deployment.labels().get("multisite.dev/tier").cloned().unwrap_or_default();
+    for deployment in deployments
+        .list(&ListParams::default().labels(&selector))
+        .await?
+    {
+        let tier = deployment
+            .labels()
+            .get("multisite.dev/tier")
+            .cloned()
+            .unwrap_or_default();
         if family.spec.clients.iter().any(|c| c.name == tier) {
             continue;
         }
         let name = deployment.name_any();
-        deployments.delete(&name, &DeleteParams::background()).await?;
+        deployments
+            .delete(&name, &DeleteParams::background())
+            .await?;
         let _ = services.delete(&name, &DeleteParams::background()).await;
-        ctx.event(family, false, "ClientTierRemoved", "Upgrade", format!("client tier {tier} left spec.clients; its Deployment {name} is deleted")).await;
+        ctx.event(
+            family,
+            false,
+            "ClientTierRemoved",
+            "Upgrade",
+            format!("client tier {tier} left spec.clients; its Deployment {name} is deleted"),
+        )
+        .await;
     }
     Ok(())
 }
@@ -141,11 +165,19 @@ mod tests {
 
     #[test]
     fn a_tier_has_a_release_only_once_every_pod_is_ready_at_it() {
-        let tier = ClientTier { name: "web".into(), release: "8.0.1.1".into(), replicas: 2, site: None };
+        let tier = ClientTier {
+            name: "web".into(),
+            release: "8.0.1.1".into(),
+            replicas: 2,
+            site: None,
+        };
         assert_eq!(tier_status(&tier, None).release, None);
         let deployment = |ready: i32, updated: i32, generation: i64, observed: i64| {
             let mut d = Deployment {
-                spec: DeploymentSpec { replicas: Some(2), ..Default::default() },
+                spec: DeploymentSpec {
+                    replicas: Some(2),
+                    ..Default::default()
+                },
                 status: Some(DeploymentStatus {
                     observed_generation: Some(observed),
                     ready_replicas: Some(ready),
@@ -156,13 +188,26 @@ mod tests {
                 ..Default::default()
             };
             d.metadata.generation = Some(generation);
-            d.metadata.labels = Some([("multisite.dev/release".to_string(), "8.0.1.1".to_string())].into());
+            d.metadata.labels =
+                Some([("multisite.dev/release".to_string(), "8.0.1.1".to_string())].into());
             d
         };
         let done = tier_status(&tier, Some(&deployment(2, 2, 3, 3)));
-        assert_eq!((done.release.as_deref(), done.ready_replicas), (Some("8.0.1.1"), 2));
-        assert_eq!(tier_status(&tier, Some(&deployment(1, 2, 3, 3))).release, None);
-        assert_eq!(tier_status(&tier, Some(&deployment(2, 1, 3, 3))).release, None);
-        assert_eq!(tier_status(&tier, Some(&deployment(2, 2, 4, 3))).release, None);
+        assert_eq!(
+            (done.release.as_deref(), done.ready_replicas),
+            (Some("8.0.1.1"), 2)
+        );
+        assert_eq!(
+            tier_status(&tier, Some(&deployment(1, 2, 3, 3))).release,
+            None
+        );
+        assert_eq!(
+            tier_status(&tier, Some(&deployment(2, 1, 3, 3))).release,
+            None
+        );
+        assert_eq!(
+            tier_status(&tier, Some(&deployment(2, 2, 4, 3))).release,
+            None
+        );
     }
 }

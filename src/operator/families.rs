@@ -336,16 +336,37 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
         .get_or_insert_with(Default::default)
         .clients = clients.clone();
     let drive = super::upgrade::drive(ctx, &ctx.compat, &observed_family, &members).await?;
-    let plan = drive.status;
+    let mut plan = drive.status;
+    let mut waiting = drive.waiting;
+    if let Some(step) = &drive.next {
+        // Published before it is carried out, so that a restart knows it ran.
+        if old.plan.as_ref() != Some(&plan) {
+            let mut published = old.clone();
+            published.observed_generation = status.observed_generation;
+            published.feature_level = status.feature_level;
+            published.max_lag_changes = status.max_lag_changes;
+            published.links = status.links.clone();
+            published.clients = clients.clone();
+            published.plan = Some(plan.clone());
+            apply_status(&api, &name, &owned_status(&published)).await?;
+        }
+        waiting = super::upgrade::execute(ctx, &observed_family, &members, step, &mut plan).await?;
+    }
     let key = (namespace.clone(), name.clone());
-    let (progressing, reason, message) = match (&plan.blocked, &drive.waiting) {
+    let (progressing, reason, message) = match (&plan.blocked, &waiting) {
         (Some(blocked), _) => (false, "UpgradeRefused".to_string(), blocked.reason.clone()),
-        (None, Some(waiting)) if family.spec.paused => (true, "Paused".to_string(), waiting.clone()),
+        (None, Some(waiting)) if family.spec.paused => {
+            (true, "Paused".to_string(), waiting.clone())
+        }
         (None, Some(waiting)) => (true, "Upgrading".to_string(), waiting.clone()),
         (None, None) if drive.progressing => (
             true,
             "Upgrading".to_string(),
-            format!("carrying out step {} of {}", plan.current + 1, plan.steps.len()),
+            format!(
+                "carrying out step {} of {}",
+                plan.current + 1,
+                plan.steps.len()
+            ),
         ),
         (None, None) => verdicts.progressing.clone(),
     };
@@ -374,23 +395,24 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     ours.clients = clients;
     ours.plan = Some(plan);
     if ours != old {
-        apply_status(
-            &api,
-            &name,
-            &serde_json::json!({
-                "observedGeneration": ours.observed_generation,
-                "conditions": ours.conditions,
-                "featureLevel": ours.feature_level,
-                "maxLagChanges": ours.max_lag_changes,
-                "links": ours.links,
-                "clients": ours.clients,
-                "plan": ours.plan,
-                "gateway": ours.gateway,
-            }),
-        )
-        .await?;
+        apply_status(&api, &name, &owned_status(&ours)).await?;
     }
     Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// Every status field the operator writes, in one apply: an apply that left one out
+/// would remove it, as the operator's single field manager owns them all.
+fn owned_status(status: &ReplicaFamilyStatus) -> serde_json::Value {
+    serde_json::json!({
+        "observedGeneration": status.observed_generation,
+        "conditions": status.conditions,
+        "featureLevel": status.feature_level,
+        "maxLagChanges": status.max_lag_changes,
+        "links": status.links,
+        "clients": status.clients,
+        "plan": status.plan,
+        "gateway": status.gateway,
+    })
 }
 
 #[cfg(test)]

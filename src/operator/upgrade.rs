@@ -96,7 +96,11 @@ pub fn next_status(
     match planned {
         Err(refusal) => {
             // Nothing changes; the steps already taken stay on record.
-            out.steps = if same_target { previous.steps.clone() } else { Vec::new() };
+            out.steps = if same_target {
+                previous.steps.clone()
+            } else {
+                Vec::new()
+            };
             out.current = previous.current;
             out.blocked = Some(PlanBlocked {
                 reason: refusal.reason.clone(),
@@ -110,7 +114,11 @@ pub fn next_status(
                 .collect();
             // What ran before and is no longer planned has finished.
             if same_target {
-                for step in previous.steps.iter().filter(|s| s.state == StepState::Running) {
+                for step in previous
+                    .steps
+                    .iter()
+                    .filter(|s| s.state == StepState::Running)
+                {
                     if !remaining.iter().any(|r| same_step(r, step)) {
                         let mut finished = step.clone();
                         finished.state = StepState::Done;
@@ -168,10 +176,12 @@ async fn observe(
 /// What the driver decided this time.
 pub struct Drive {
     pub status: PlanStatus,
-    /// A step was started or is under way.
+    /// A step is to be carried out or under way.
     pub progressing: bool,
     /// Why the plan waits, if it does (paused, a step's precondition).
     pub waiting: Option<String>,
+    /// The step to carry out now, once `status` is published.
+    pub next: Option<Step>,
 }
 
 /// Plans again and carries out the first step if it may.
@@ -199,12 +209,18 @@ pub async fn drive(
             status,
             progressing: false,
             waiting: Some(format!("waiting for replica {} to be Active", r.name_any())),
+            next: None,
         });
     }
     // The Replica statuses first: when they show nothing to do, no replica is asked.
     let cached: Vec<Replica> = active.iter().map(|r| (**r).clone()).collect();
     let spec = planner::fleet_spec(family);
-    let quick = planner::plan_from(compat, &spec, &planner::fleet_observed(family, &cached), paused_sync);
+    let quick = planner::plan_from(
+        compat,
+        &spec,
+        &planner::fleet_observed(family, &cached),
+        paused_sync,
+    );
     let planned = if quick.as_ref().is_ok_and(|p| p.steps.is_empty()) {
         quick
     } else {
@@ -212,12 +228,13 @@ pub async fn drive(
         planner::plan_from(compat, &spec, &observed, paused_sync)
     };
     let held = family.spec.paused;
-    let mut status = next_status(previous.as_ref(), family.spec.feature_level, &planned, held);
+    let status = next_status(previous.as_ref(), family.spec.feature_level, &planned, held);
     let Ok(plan) = planned else {
         return Ok(Drive {
             status,
             progressing: false,
             waiting: None,
+            next: None,
         });
     };
     let Some(step) = plan.steps.first().cloned() else {
@@ -225,6 +242,7 @@ pub async fn drive(
             status,
             progressing: false,
             waiting: None,
+            next: None,
         });
     };
     if held {
@@ -232,17 +250,40 @@ pub async fn drive(
             status,
             progressing: true,
             waiting: Some(format!("spec.paused holds the plan before: {step}")),
+            next: None,
         });
     }
+    Ok(Drive {
+        status,
+        progressing: true,
+        waiting: None,
+        next: Some(step),
+    })
+}
+
+/// Carries out `step` (published as running in `status` beforehand, so that a restart
+/// after it knows it ran). Returns why the plan waits, if it does; `status` gets the
+/// step's outcome.
+pub async fn execute(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+    members: &[Arc<Replica>],
+    step: &Step,
+    status: &mut PlanStatus,
+) -> Result<Option<String>, OperatorError> {
     let namespace = family.namespace().unwrap_or_default();
-    let running = status.current as usize;
-    let waiting = match &step {
+    let running = usize::try_from(status.current).unwrap_or(0);
+    let waiting = match step {
         Step::PauseSync => {
             status.sync_paused = true;
+            ctx.event(family, false, "StepDone", "Upgrade", format!("{step}"))
+                .await;
             None
         }
         Step::ResumeSync => {
             status.sync_paused = false;
+            ctx.event(family, false, "StepDone", "Upgrade", format!("{step}"))
+                .await;
             None
         }
         Step::RaiseSchemaRepository {
@@ -253,7 +294,7 @@ pub async fn drive(
             replica,
             feature_level,
         } => {
-            let body = match &step {
+            let body = match step {
                 Step::RaiseSchemaRepository { .. } => {
                     serde_json::json!({"schemaRepository": feature_level})
                 }
@@ -272,16 +313,11 @@ pub async fn drive(
                         .await
                     {
                         Ok(_) => {
-                            ctx.event(family, false, "StepDone", "Upgrade", format!("{step}")).await;
+                            ctx.event(family, false, "StepDone", "Upgrade", format!("{step}"))
+                                .await;
                             None
                         }
-                        Err(e) => {
-                            let message = format!("{step}: {e}");
-                            if let Some(s) = status.steps.get_mut(running) {
-                                s.message = Some(message.clone());
-                            }
-                            Some(message)
-                        }
+                        Err(e) => Some(format!("{step}: {e}")),
                     }
                 }
             }
@@ -290,14 +326,10 @@ pub async fn drive(
             Some(super::clients::roll_out(ctx, family, tier, release).await?)
         }
     };
-    if matches!(step, Step::PauseSync | Step::ResumeSync) {
-        ctx.event(family, false, "StepDone", "Upgrade", format!("{step}")).await;
+    if let Some(s) = status.steps.get_mut(running) {
+        s.message = waiting.clone();
     }
-    Ok(Drive {
-        status,
-        progressing: true,
-        waiting,
-    })
+    Ok(waiting)
 }
 
 #[cfg(test)]

@@ -377,20 +377,35 @@ fn value_at<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(value, |v, key| v.get(key))
 }
 
+/// Removes the field at `path`. A map that the removal leaves empty goes too, as on a
+/// real server, where applying a field means owning the maps that hold it.
 fn remove_at(value: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
+    remove_and_prune(value, path);
+}
+
+/// [`remove_at`]; returns whether `value` is a map left empty by the removal.
+fn remove_and_prune(value: &mut Value, path: &[String]) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
     };
-    let mut current = value;
-    for key in parents {
-        match current.get_mut(key) {
-            Some(next) => current = next,
-            None => return,
+    let Value::Object(map) = value else {
+        return false;
+    };
+    if rest.is_empty() {
+        if map.remove(first).is_none() {
+            return false;
+        }
+    } else {
+        let Some(child) = map.get_mut(first) else {
+            return false;
+        };
+        if remove_and_prune(child, rest) {
+            map.remove(first);
+        } else {
+            return false;
         }
     }
-    if let Value::Object(map) = current {
-        map.remove(last);
-    }
+    map.is_empty()
 }
 
 fn overlaps(a: &[String], b: &[String]) -> bool {
@@ -835,6 +850,43 @@ mod tests {
             managed["fieldsV1"],
             json!({"f:spec": {"f:clients": {}, "f:tags": {}}})
         );
+    }
+
+    #[test]
+    fn a_map_left_empty_by_an_apply_goes_with_its_last_field() {
+        let first = apply(
+            None,
+            &json!({"metadata": {"name": "x"}, "status": {"plan": {"blocked": {"reason": "no"}, "current": 1}}}),
+            &request("m", false, None),
+            ("things", ""),
+        )
+        .unwrap();
+        let second = apply(
+            Some(&first),
+            &json!({"metadata": {"name": "x"}, "status": {"plan": {"current": 2}}}),
+            &request("m", false, None),
+            ("things", ""),
+        )
+        .unwrap();
+        assert_eq!(second["status"], json!({"plan": {"current": 2}}));
+        // A map another manager still has fields in stays.
+        let mut shared = first.clone();
+        shared["status"]["plan"]["blocked"]["by"] = json!("other");
+        let writer = Writer {
+            manager: "other",
+            api_version: "v1",
+            time: "2026-01-01T00:00:00Z",
+            subresource: None,
+        };
+        record_update(Some(&first), &mut shared, &writer);
+        let third = apply(
+            Some(&shared),
+            &json!({"metadata": {"name": "x"}, "status": {"plan": {"current": 3}}}),
+            &request("m", false, None),
+            ("things", ""),
+        )
+        .unwrap();
+        assert_eq!(third["status"]["plan"]["blocked"], json!({"by": "other"}));
     }
 
     #[test]

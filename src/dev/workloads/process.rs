@@ -201,7 +201,10 @@ fn service_address(store: &Store, namespace: &str, service: &str) -> Result<Stri
     let ready = |p: &Value| {
         at(p, &["status", "conditions"])
             .and_then(Value::as_array)
-            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
     };
     let mut candidates: Vec<Value> = pods.collect();
     candidates.sort_by_key(|p| !ready(p));
@@ -426,10 +429,14 @@ mod tests {
         let services = ResourceKey::new("", "v1", "services");
         let pods = super::super::util::pods();
         store.register(services.clone(), ResourceInfo::new("Service", true));
-        store.register(pods.clone(), ResourceInfo::new("Pod", true).with_status_subresource());
+        store.register(
+            pods.clone(),
+            ResourceInfo::new("Pod", true).with_status_subresource(),
+        );
         let now = k8s_openapi::jiff::Timestamp::now();
         let opts = WriteOptions::default();
-        let service = serde_json::json!({"metadata": {"name": "db"}, "spec": {"selector": {"app": "db"}}});
+        let service =
+            serde_json::json!({"metadata": {"name": "db"}, "spec": {"selector": {"app": "db"}}});
         store.create(&services, "ns", service, &opts, now).unwrap();
         // Not resolvable until a selected pod has an address.
         let err = resolve_services(&store, "http://db.ns.svc:7400").unwrap_err();
@@ -438,14 +445,30 @@ mod tests {
             let pod = serde_json::json!({"metadata": {"name": name, "labels": {"app": app}}});
             let mut created = store.create(&pods, "ns", pod, &opts, now).unwrap();
             created["status"] = serde_json::json!({"podIP": ip});
-            store.update_status(&pods, "ns", name, created, &opts).unwrap();
+            store
+                .update_status(&pods, "ns", name, created, &opts)
+                .unwrap();
         }
-        assert_eq!(resolve_services(&store, "--replica=http://db.ns.svc:7400/v1").unwrap(), "--replica=http://127.1.0.4:7400/v1");
-        assert_eq!(resolve_services(&store, "http://db.ns.svc.cluster.local").unwrap(), "http://127.1.0.4");
+        assert_eq!(
+            resolve_services(&store, "--replica=http://db.ns.svc:7400/v1").unwrap(),
+            "--replica=http://127.1.0.4:7400/v1"
+        );
+        assert_eq!(
+            resolve_services(&store, "http://db.ns.svc.cluster.local").unwrap(),
+            "http://127.1.0.4"
+        );
         // Other hosts and plain text are left alone.
-        for same in ["http://example.com:80/x", "db.ns.svc", "http://10.0.0.1:7400"] {
+        for same in [
+            "http://example.com:80/x",
+            "db.ns.svc",
+            "http://10.0.0.1:7400",
+        ] {
             assert_eq!(resolve_services(&store, same).unwrap(), same);
         }
-        assert!(resolve_services(&store, "http://nope.ns.svc:1").unwrap_err().contains("does not exist"));
+        assert!(
+            resolve_services(&store, "http://nope.ns.svc:1")
+                .unwrap_err()
+                .contains("does not exist")
+        );
     }
 }
