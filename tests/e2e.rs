@@ -1597,3 +1597,63 @@ fn http_get(address: &str, path: &str) -> String {
     let _ = stream.read_to_string(&mut answer);
     answer
 }
+
+/// A SchemaPackage is applied at the schema repository's master, travels to the other
+/// replicas, and every user database is upgraded to it; a replica added later gets it.
+/// Record changes then write change events.
+#[test]
+fn a_schema_package_reaches_every_replica_including_a_late_one() {
+    let env = Env::start("package", 12, false);
+    env.apply(&fleet("sampl", &SITES, &THREE, ""));
+    env.wait_active(&NAMES);
+    env.apply(
+        "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
+         spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
+         \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}]\n",
+    );
+    let packages: Api<multisite::api::SchemaPackage> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    let wait_everywhere = |names: &[&str]| {
+        env.wait(
+            &format!(
+                "the package is applied and upgraded at {}",
+                names.join(", ")
+            ),
+            || {
+                let status = env.rt.block_on(packages.get("interop")).ok()?.status?;
+                let everywhere = names.iter().all(|n| {
+                    status
+                        .replicas
+                        .iter()
+                        .any(|r| r.name == *n && r.applied && r.user_database_upgraded)
+                });
+                (everywhere && multisite::api::conditions::is_true(&status.conditions, "Ready"))
+                    .then_some(status)
+            },
+        )
+    };
+    let status = wait_everywhere(&NAMES);
+    let version = status.schema_version.expect("a schema version");
+    env.apply(&replica_yaml("sampl", "sampl-lima", "austin", None));
+    env.wait_active(&["sampl-lima"]);
+    wait_everywhere(&["sampl-tokyo", "sampl-paris", "sampl-austin", "sampl-lima"]);
+    let client = env.client("sampl");
+    let status: Value = env
+        .rt
+        .block_on(client.get_json(&env.url("sampl-lima"), "/v1/status"))
+        .expect("lima's status");
+    assert_eq!(status["userDatabaseSchemaVersion"], json!(version));
+    // With the package in place, a record change writes a change event.
+    let id = env.write(&client, "sampl-paris", 1, "with events")[0].clone();
+    env.wait("a change event for the new record exists", || {
+        let url = env.url("sampl-paris");
+        let events: Vec<Value> = env
+            .rt
+            .block_on(client.get_json(&url, "/v1/records?type=ChangeEvent"))
+            .ok()?;
+        events
+            .iter()
+            .any(|e| e["fields"]["record"] == json!(id))
+            .then_some(())
+    });
+}

@@ -107,3 +107,22 @@ pub struct PackageReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+impl SchemaPackageSpec {
+    /// The body of a replica's `POST /v1/schema-packages` for this package.
+    pub fn request_body(&self) -> serde_json::Value {
+        let record_types: Vec<serde_json::Value> = self
+            .record_types
+            .iter()
+            .map(|t| {
+                let fields: Vec<serde_json::Value> = t
+                    .fields
+                    .iter()
+                    .map(|f| serde_json::json!({"name": f.name, "type": f.field_type}))
+                    .collect();
+                serde_json::json!({"name": t.name, "fields": fields})
+            })
+            .collect();
+        serde_json::json!({"package": self.package, "version": self.version, "recordTypes": record_types})
+    }
+}

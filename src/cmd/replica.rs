@@ -405,15 +405,7 @@ pub async fn apply_package(
             packages.len()
         );
     };
-    let record_types: Vec<Value> = package
-        .spec
-        .record_types
-        .iter()
-        .map(|t| {
-            json!({"name": t.name, "fields": t.fields.iter().map(|f| json!({"name": f.name, "type": f.field_type})).collect::<Vec<_>>()})
-        })
-        .collect();
-    let body = json!({"package": package.spec.package, "version": package.spec.version, "recordTypes": record_types});
+    let body = package.spec.request_body();
     let schema: Value = client
         .send_json(Method::POST, url, "/v1/schema-packages", &body)
         .await?;

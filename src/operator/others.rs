@@ -146,41 +146,23 @@ pub async fn reconcile_package(
             (DEGRADED, true, "Invalid", problem),
         ],
         (Some(_), None) => {
-            // Per-replica states come with the rollout; until then each replica is listed as not yet applied.
-            let members = ctx.members(&namespace, &package.spec.family);
-            status.replicas = members
-                .iter()
-                .map(|r| {
-                    let previous = old
-                        .replicas
-                        .iter()
-                        .find(|p| p.name == r.name_any())
-                        .cloned();
-                    previous.unwrap_or(crate::api::PackageReplicaStatus {
-                        name: r.name_any(),
-                        ..Default::default()
-                    })
-                })
-                .collect();
-            let done = !status.replicas.is_empty()
-                && status
-                    .replicas
-                    .iter()
-                    .all(|r| r.applied && r.user_database_upgraded);
-            let m = if done {
-                "applied on every replica".to_string()
-            } else {
-                "valid; waiting for the rollout to the replicas".to_string()
+            let waiting = roll_out(&ctx, &package, &mut status).await;
+            let waiting = match waiting {
+                Ok(w) => w,
+                Err(e) => Some(format!("rollout: {e}")),
             };
+            let done = waiting.is_none();
+            let m = waiting.unwrap_or_else(|| {
+                format!(
+                    "schema version {} applied and every user database upgraded to it",
+                    status.schema_version.unwrap_or_default()
+                )
+            });
+            let reason = if done { "Applied" } else { "RollingOut" };
             [
-                (
-                    READY,
-                    done,
-                    if done { "Applied" } else { "Accepted" },
-                    m.clone(),
-                ),
-                (PROGRESSING, !done, "Accepted", m.clone()),
-                (DEGRADED, false, "Accepted", m),
+                (READY, done, reason, m.clone()),
+                (PROGRESSING, !done, reason, m.clone()),
+                (DEGRADED, false, reason, m),
             ]
         }
     };
@@ -205,7 +187,144 @@ pub async fn reconcile_package(
         Ok(())
     };
     ctx.metrics.reconciled("SchemaPackage", result.is_err());
-    result.map(|_| Action::requeue(Duration::from_secs(30)))
+    let done = conditions::is_true(&status.conditions, READY);
+    // Done packages are looked at again now and then, for replicas added later.
+    result.map(|_| Action::requeue(Duration::from_secs(if done { 10 } else { 3 })))
+}
+
+/// Applies the package at the replica that masters the schema repository, then upgrades
+/// each replica's user database once the new schema version reached it. Returns what
+/// it waits for, or `None` when every replica is done.
+async fn roll_out(
+    ctx: &Ctx,
+    package: &SchemaPackage,
+    status: &mut SchemaPackageStatus,
+) -> Result<Option<String>, OperatorError> {
+    use crate::api::{PackageReplicaStatus, ReplicaPhase};
+    use crate::replica::server::StatusReport;
+    let namespace = package.namespace().unwrap_or_default();
+    let family = &package.spec.family;
+    let members = ctx.members(&namespace, family);
+    let serving: Vec<(String, String)> = members
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Active))
+        .filter_map(|r| Some((r.name_any(), r.status.as_ref()?.endpoint.clone()?)))
+        .collect();
+    if serving.is_empty() {
+        return Ok(Some(format!("family {family} has no Active replica yet")));
+    }
+    let client = ctx.replica_client(&namespace, family).await?;
+    let mut reports = Vec::new();
+    for (name, url) in &serving {
+        let report = client
+            .get_json::<StatusReport>(url, "/v1/status")
+            .await
+            .ok();
+        reports.push((name.clone(), url.clone(), report));
+    }
+    let version = match status.schema_version.and_then(|v| u64::try_from(v).ok()) {
+        Some(version) => version,
+        None => {
+            let master = reports
+                .iter()
+                .find_map(|(_, _, r)| r.as_ref().map(|r| r.schema_repository_master.clone()));
+            let Some((_, url, _)) = reports.iter().find(|(n, _, _)| Some(n) == master.as_ref())
+            else {
+                return Ok(Some(format!(
+                    "the schema repository's master {} is not serving",
+                    master.unwrap_or_else(|| "(unknown)".into())
+                )));
+            };
+            let schema: crate::packet::change::SchemaVersion = client
+                .send_json(
+                    hyper::Method::POST,
+                    url,
+                    "/v1/schema-packages",
+                    &package.spec.request_body(),
+                )
+                .await?;
+            ctx.event(
+                package,
+                false,
+                "Applied",
+                "ApplyPackage",
+                format!(
+                    "package {} {} applied at {} as schema version {}",
+                    package.spec.package,
+                    package.spec.version,
+                    master.unwrap_or_default(),
+                    schema.version
+                ),
+            )
+            .await;
+            status.schema_version = i64::try_from(schema.version).ok();
+            schema.version
+        }
+    };
+    let mut pending = Vec::new();
+    status.replicas = Vec::new();
+    for (name, url, report) in reports {
+        let mut entry = PackageReplicaStatus {
+            name: name.clone(),
+            ..Default::default()
+        };
+        match report {
+            None => entry.message = Some("not reachable".into()),
+            Some(report) => {
+                entry.applied = report.schema_version >= version;
+                entry.user_database_upgraded = report.user_database_schema_version >= version;
+                if entry.applied && !entry.user_database_upgraded {
+                    let body = serde_json::json!({"userDatabaseSchema": version});
+                    match client
+                        .send_json::<StatusReport>(hyper::Method::POST, &url, "/v1/upgrade", &body)
+                        .await
+                    {
+                        Ok(_) => {
+                            entry.user_database_upgraded = true;
+                            ctx.event(
+                                package,
+                                false,
+                                "UserDatabaseUpgraded",
+                                "ApplyPackage",
+                                format!(
+                                    "the user database of {name} now uses schema version {version}"
+                                ),
+                            )
+                            .await;
+                        }
+                        Err(e) => entry.message = Some(e.to_string()),
+                    }
+                } else if !entry.applied {
+                    entry.message = Some(format!(
+                        "waiting for schema version {version} to arrive in packets"
+                    ));
+                }
+            }
+        }
+        if !(entry.applied && entry.user_database_upgraded) {
+            pending.push(name.clone());
+        }
+        status.replicas.push(entry);
+    }
+    // Replicas still starting are pending too: they get the package once they serve.
+    for r in members
+        .iter()
+        .filter(|r| !serving.iter().any(|(n, _)| *n == r.name_any()))
+        .filter(|r| r.status.as_ref().and_then(|s| s.phase) != Some(ReplicaPhase::Removing))
+    {
+        pending.push(r.name_any());
+        status.replicas.push(PackageReplicaStatus {
+            name: r.name_any(),
+            message: Some("not serving yet".into()),
+            ..Default::default()
+        });
+    }
+    Ok((!pending.is_empty()).then(|| {
+        format!(
+            "rolling out schema version {version}; waiting for {}",
+            pending.join(", ")
+        )
+    }))
 }
 
 pub fn package_error(package: Arc<SchemaPackage>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
