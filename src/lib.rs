@@ -7,7 +7,7 @@
 //! 3. [`packet`]: the packet wire format.
 //! 4. [`replica`]: the replica server (storage, sync, HTTP API, client).
 //! 5. [`operator`]: the controllers, the sync runner, leader election, metrics.
-//! 6. [`client`]: the client tiers' front end (`multisite client`).
+//! 6. [`client`], [`gateway`]: the client tiers' front end and the family's gateway.
 //! 7. [`dev`]: the embedded cluster: API server, workload runner.
 //! 8. [`cmd`]: what the command line runs (reads files, prints results).
 
@@ -16,6 +16,7 @@ pub mod client;
 pub mod cmd;
 pub mod dev;
 pub mod domain;
+pub mod gateway;
 pub mod operator;
 pub mod packet;
 pub mod replica;

@@ -133,6 +133,33 @@ enum Command {
         #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
         secret_file: Option<PathBuf>,
     },
+    /// Run a family's gateway: send the change events at its replica to an outside
+    /// system (HTTP POST of JSON, oldest first, each deleted once delivered, retried with
+    /// back-off) and apply the outside system's updates (POST /v1/updates with the
+    /// gateway token) to its replica. Only one gateway acts per replica (a lease there).
+    Gateway {
+        /// URL of the replica the gateway is pinned to.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// That replica's name (the master of the change events it delivers).
+        #[arg(long, value_name = "NAME")]
+        replica_name: String,
+        /// Where change events go (http://).
+        #[arg(long, value_name = "URL")]
+        endpoint: String,
+        /// Address of the gateway's own API.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// File holding the family's shared secret.
+        #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+        /// File holding the token the outside system presents on updates.
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// This process's name in the replica's gateway lease (in a pod: its name).
+        #[arg(long, value_name = "NAME", env = "POD_NAME")]
+        identity: Option<String>,
+    },
     /// Show a family as the operator sees it: replicas (phase, feature levels,
     /// incarnation, held packets, epochs) and links (last task, lag, errors).
     Status {
@@ -661,6 +688,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     replica,
                     listen,
                     secret_file,
+                },
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway {
+            replica,
+            replica_name,
+            endpoint,
+            listen,
+            secret_file,
+            token_file,
+            identity,
+        } => {
+            init_logging(false);
+            runtime()?.block_on(multisite::cmd::gateway::serve(
+                multisite::cmd::gateway::GatewayArgs {
+                    replica,
+                    replica_name,
+                    endpoint,
+                    listen,
+                    secret_file,
+                    token_file,
+                    identity,
                 },
             ))?;
             Ok(ExitCode::SUCCESS)

@@ -1657,3 +1657,246 @@ fn a_schema_package_reaches_every_replica_including_a_late_one() {
             .then_some(())
     });
 }
+
+// ---------------------------------------------------------------------------------
+// The gateway
+// ---------------------------------------------------------------------------------
+
+/// A stand-in outside system: takes POSTed JSON on 127.0.0.1, answers 500 to the first
+/// `fail_first` requests (to exercise the gateway's retries), 200 after.
+struct OutsideSystem {
+    port: u16,
+    received: std::sync::Arc<Mutex<Vec<Value>>>,
+}
+
+impl OutsideSystem {
+    fn start(fail_first: usize) -> OutsideSystem {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let received = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        std::thread::spawn(move || {
+            let mut served = 0usize;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then as many body bytes as Content-Length says.
+                let body = loop {
+                    let Ok(n) = stream.read(&mut buf) else {
+                        break None;
+                    };
+                    if n == 0 {
+                        break None;
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&data).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if data.len() >= end + 4 + length {
+                            break Some(data[end + 4..end + 4 + length].to_vec());
+                        }
+                    }
+                };
+                served += 1;
+                let ok = served > fail_first;
+                if ok
+                    && let Some(body) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                {
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+                }
+                let status = if ok {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                );
+            }
+        });
+        OutsideSystem { port, received }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// With the interop package in place, change events from every site reach the outside
+/// system through the gateway, once each, despite failed deliveries; updates from the
+/// outside system apply at the gateway's replica, and one mastered elsewhere is refused
+/// and counted as one-directional.
+#[test]
+fn change_events_from_every_site_reach_the_outside_system_once_each() {
+    let env = Env::start("gateway", 13, false);
+    if !env.embedded() {
+        eprintln!(
+            "[gateway] skipped: the stand-in outside system listens on this machine's loopback"
+        );
+        return;
+    }
+    let outside = OutsideSystem::start(3);
+    let spec = format!(
+        "  gateway: {{replica: sampl-tokyo, endpoint: \"http://127.0.0.1:{}/events\"}}\n",
+        outside.port
+    );
+    env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, &spec));
+    env.wait_active(&NAMES);
+    env.apply(
+        "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
+         spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
+         \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}, {name: replica, type: String}]\n",
+    );
+    let packages: Api<multisite::api::SchemaPackage> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    env.wait("the interop package is on every replica", || {
+        let status = env.rt.block_on(packages.get("interop")).ok()?.status?;
+        multisite::api::conditions::is_true(&status.conditions, "Ready").then_some(())
+    });
+    env.wait("the gateway is connected to sampl-tokyo", || {
+        let gateway = env.family("sampl").status?.gateway?;
+        (gateway.connected && gateway.replica == "sampl-tokyo").then_some(())
+    });
+    let client = env.client("sampl");
+    let mut created = Vec::new();
+    for name in NAMES {
+        created.extend(env.write(&client, name, 4, name));
+    }
+    // One change of each record at its master, too.
+    for id in &created {
+        let master = NAMES
+            .iter()
+            .find(|n| {
+                env.defects(&client, n)
+                    .is_some_and(|d| d.get(id).is_some_and(|i| i["master"] == json!(**n)))
+            })
+            .copied()
+            .expect("a master");
+        let url = env.url(master);
+        env.rt
+            .block_on(client.send_json::<Value>(
+                hyper::Method::PATCH,
+                &url,
+                &format!("/v1/records/{id}"),
+                &json!({"fields": {"state": "open"}}),
+            ))
+            .expect("modify");
+    }
+    let expected: BTreeSet<(String, String)> = created
+        .iter()
+        .flat_map(|id| {
+            [
+                (id.clone(), "create".to_string()),
+                (id.clone(), "modify".to_string()),
+            ]
+        })
+        .collect();
+    let events = env.wait(
+        &format!("the outside system received {} events", expected.len()),
+        || {
+            let events = outside.events();
+            let got: BTreeSet<(String, String)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e["record"].as_str().unwrap_or_default().to_string(),
+                        e["action"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            expected.is_subset(&got).then_some(events)
+        },
+    );
+    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let unique: BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "an event was delivered twice: {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        expected.len(),
+        "events beyond the changes made: {events:?}"
+    );
+    let sites: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["replica"].as_str())
+        .collect();
+    assert_eq!(sites.len(), 3, "events from every site: {sites:?}");
+    env.wait(
+        "the gateway reports them delivered and none pending",
+        || {
+            let gateway = env.family("sampl").status?.gateway?;
+            (gateway.events_delivered >= expected.len() as i64 && gateway.events_pending == 0)
+                .then_some(())
+        },
+    );
+
+    // Updates from outside: one to a record mastered at the gateway's replica, one to a
+    // record mastered at paris.
+    let secrets: Api<Secret> = Api::namespaced(env.kube.clone(), &env.namespace);
+    let token = env
+        .rt
+        .block_on(secrets.get("sampl-gateway"))
+        .expect("gateway token")
+        .data
+        .expect("data")["token"]
+        .0
+        .clone();
+    let token = String::from_utf8(token).expect("utf-8");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    let ip = env.wait("the gateway pod has an address", || {
+        let list = env
+            .rt
+            .block_on(
+                pods.list(
+                    &kube::api::ListParams::default()
+                        .labels("app.kubernetes.io/instance=sampl-gateway"),
+                ),
+            )
+            .ok()?;
+        list.items.into_iter().find_map(|p| p.status?.pod_ip)
+    });
+    let gateway = ReplicaClient::new(token, None);
+    let url = format!("http://{ip}:8080");
+    let at_tokyo = created[0].clone();
+    let at_paris = created[4].clone();
+    env.rt
+        .block_on(gateway.send_json::<Value>(
+            hyper::Method::POST,
+            &url,
+            "/v1/updates",
+            &json!({"id": at_tokyo, "fields": {"state": "closed"}}),
+        ))
+        .expect("an update at the gateway's replica");
+    let refused = env
+        .rt
+        .block_on(gateway.send_json::<Value>(
+            hyper::Method::POST,
+            &url,
+            "/v1/updates",
+            &json!({"id": at_paris, "fields": {"state": "closed"}}),
+        ))
+        .expect_err("an update to a record mastered elsewhere");
+    assert!(refused.to_string().contains("sampl-paris"), "{refused}");
+    env.wait("the family counts one one-directional record", || {
+        let gateway = env.family("sampl").status?.gateway?;
+        (gateway.one_directional_records == 1).then_some(())
+    });
+}

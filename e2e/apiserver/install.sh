@@ -43,16 +43,21 @@ suite=${MULTISITE_APISERVER_SUITE:-sid}
 recheck_hours=${MULTISITE_APISERVER_RECHECK_HOURS:-24}
 server_pkg=golang-k8s-apiextensions-apiserver-dev
 main_import=multisite.dev/apiserver
-# Bumped when this script changes how the build is made.
-recipe=1
 
 t0=$EPOCHREALTIME
 say() { [ "$quiet" = 1 ] || printf 'apiserver install: %s\n' "$*"; }
 loud() { printf 'apiserver install: %s\n' "$*" >&2; }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1fs", b - a }'; }
 unavailable() {
+    [ -z "${main_hash:-}" ] || use_cached_build "$*"
     echo "apiserver harness unavailable: $*" >&2
     exit 2
+}
+use_cached_build() { # nothing new can be had, but an earlier build of the same main.go is still good
+    if built && grep -qx "main $main_hash" "$stamp"; then
+        loud "WARNING: $1; using the build of $(date -r "$stamp" '+%Y-%m-%d %H:%M')"
+        exit 0
+    fi
 }
 
 for tool in apt-get apt-cache dpkg-deb sha256sum awk flock; do
@@ -139,13 +144,6 @@ apt_update() {
     apt-get -q -o APT::Update::Error-Mode=any update >"$update_log" 2>&1
 }
 
-use_cached_build() { # the archive cannot be asked; an earlier build is still good
-    if built && grep -qx "main $main_hash" "$stamp"; then
-        loud "WARNING: $1; using the build of $(date -r "$stamp" '+%Y-%m-%d %H:%M')"
-        exit 0
-    fi
-}
-
 t=$EPOCHREALTIME
 if [ -r "$keyring" ]; then
     write_apt_conf "signed-by=$keyring"
@@ -162,8 +160,7 @@ if ! apt_update; then
         apt_update || true
     fi
     if ! ls "$apt_dir"/state/lists/*_Packages* >/dev/null 2>&1 || grep -qE '^(E|Err):' "$update_log"; then
-        reason=$(grep -E '^(E|Err|W):' "$update_log" | head -n1 | cut -c1-200)
-        use_cached_build "the Debian archive ($mirror $suite) cannot be reached: $reason"
+        reason=$( (grep -E '^E:' "$update_log" || grep -E '^(Err|W):' "$update_log" || true) | head -n1 | cut -c1-240)
         unavailable "the Debian archive ($mirror $suite) cannot be reached: ${reason:-see $update_log}"
     fi
 fi
@@ -176,8 +173,8 @@ go_pkg=$(apt-cache depends golang-go 2>/dev/null | awk '$1 == "Depends:" && $2 ~
 [ -n "$go_pkg" ] || unavailable "no Go toolchain in $suite (golang-go does not name a golang-1.N-go package)"
 go_minor=${go_pkg#golang-}
 go_minor=${go_minor%-go}
-toolchain="$go_pkg golang-$go_minor-src"
-for p in $toolchain etcd-server "$server_pkg"; do
+toolchain=("$go_pkg" "golang-$go_minor-src")
+for p in "${toolchain[@]}" etcd-server "$server_pkg"; do
     [ -n "$(version_of "$p")" ] || unavailable "package $p is not in $suite"
 done
 goroot_rel=usr/lib/go-$go_minor
@@ -215,8 +212,8 @@ apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-br
     /^    / { if (virt && $1 ~ /-dev$/ && $1 !~ /^lib/) print pkg, $1; next }
     { virt = "" }' | sort -u >"$work/graph.txt"
 # The main package stands for a package depending on the server sources.
-echo "ROOT $server_pkg" >>"$work/graph.txt"
-awk -v s="$server_pkg" '$1 == s { print "ROOT", $2 }' "$work/graph.txt" >>"$work/graph.txt"
+root_deps=$(awk -v s="$server_pkg" '$1 == s { print "ROOT", $2 }' "$work/graph.txt")
+printf 'ROOT %s\n%s\n' "$server_pkg" "$root_deps" >>"$work/graph.txt"
 
 # ---------------------------------------------------------------- fetch, unpack
 debs=$cache/debs
@@ -231,7 +228,7 @@ download_time=0
 unpack_time=0
 
 # "package version architecture" of every package that may be needed, in one look-up
-{ cut -d' ' -f2 "$work/graph.txt"; echo "$toolchain etcd-server $server_pkg" | tr ' ' '\n'; } | sort -u |
+{ cut -d' ' -f2 "$work/graph.txt"; printf '%s\n' "${toolchain[@]}" etcd-server "$server_pkg"; } | sort -u |
     xargs apt-cache show --no-all-versions 2>/dev/null | awk '
     /^Package:/ { p = $2 } /^Version:/ { v = $2 } /^Architecture:/ { a = $2 }
     /^$/ { if (p != "") print p, v, a; p = "" }
@@ -265,7 +262,7 @@ fetch() { # download (when not cached) and unpack the packages named
     t=$EPOCHREALTIME
     if [ ${#want[@]} -gt 0 ]; then
         if ! (cd "$debs" && apt-get -q download "${want[@]}" >"$apt_dir/log/download.log" 2>&1); then
-            reason=$(grep -E '^(E|Err):' "$apt_dir/log/download.log" | head -n1 | cut -c1-200)
+            reason=$( (grep -E '^E:' "$apt_dir/log/download.log" || true) | head -n1 | cut -c1-240)
             unavailable "downloading ${want[*]} from $mirror failed: ${reason:-see $apt_dir/log/download.log}"
         fi
     fi
@@ -294,8 +291,8 @@ goenv() {
 }
 
 t=$EPOCHREALTIME
-say "fetching the toolchain ($toolchain), etcd-server and $server_pkg"
-fetch $toolchain etcd-server "$server_pkg"
+say "fetching the toolchain (${toolchain[*]}), etcd-server and $server_pkg"
+fetch "${toolchain[@]}" etcd-server "$server_pkg"
 
 # The closure: list the imports of our main package and everything it reaches; for
 # each import no unpacked package provides, the Debian package that holds the
@@ -355,6 +352,10 @@ while :; do
         }' "$work/owners.txt" "$work/graph.txt" "$work/fetched.txt" "$work/missing.txt")
     if grep -q '^NONE' <<<"$picks"; then
         read -r _ path importer o < <(grep '^NONE' <<<"$picks" | head -n1)
+        if [ "$importer" = "$main_import" ]; then
+            echo "apiserver install: e2e/apiserver/main.go imports $path, which no package reached from $server_pkg provides" >&2
+            exit 1
+        fi
         unavailable "no Debian package in $suite provides Go package $path (imported by $importer from $o)"
     fi
     mapfile -t next < <(awk '$1 == "PICK" { print $2 }' <<<"$picks" | sort -u)
@@ -395,6 +396,9 @@ fi
 mv "$bin/multisite-apiserver.new" "$bin/multisite-apiserver"
 cp "$cache/root/usr/bin/etcd" "$bin/etcd.new"
 mv "$bin/etcd.new" "$bin/etcd"
+# The unpacked tree is not needed any more (0.7 GB): a rebuild unpacks the cached
+# .deb files again, at the same path, so Go's build cache still applies.
+rm -rf "$cache/root"
 say "built in $(elapsed "$t"): $bin/multisite-apiserver, $bin/etcd ($("$bin/etcd" --version | awk 'NR == 1 { print $3 }'))"
 
 # Keep only the packages of this build.
@@ -406,7 +410,6 @@ say "built in $(elapsed "$t"): $bin/multisite-apiserver, $bin/etcd ($("$bin/etcd
 done)
 mv "$cache/closure.txt.new" "$cache/closure.txt"
 {
-    echo "recipe $recipe"
     echo "main $main_hash"
     echo "toolchain $go_pkg"
     echo "version $git_version"

@@ -120,6 +120,9 @@ pub struct ReplicaStatus {
     /// Where the operator reaches the replica's API (its pod's address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The replica the family's gateway is pinned to, as this replica knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_replica: Option<String>,
     /// The replica where schema packages are applied, as this replica knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_repository_master: Option<String>,

@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod crd;
 pub mod dev;
+pub mod gateway;
 pub mod operator;
 pub mod plan;
 pub mod replica;

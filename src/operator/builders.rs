@@ -334,6 +334,109 @@ pub fn client_service(family: &ReplicaFamily, tier: &str) -> Value {
     })
 }
 
+/// The name of a family's gateway Deployment, Service and token Secret.
+pub fn gateway_name(family: &str) -> String {
+    format!("{family}-gateway")
+}
+
+/// The key of the gateway Secret holding the token the outside system presents.
+pub const GATEWAY_TOKEN_KEY: &str = "token";
+
+/// The family's gateway: one pod (recreated, never two at once), pinned to `replica`.
+pub fn gateway_deployment(
+    family: &ReplicaFamily,
+    replica: &str,
+    endpoint: &str,
+    image: &Image,
+) -> Value {
+    let family_name = family.metadata.name.clone().unwrap_or_default();
+    let namespace = family.metadata.namespace.clone().unwrap_or_default();
+    let name = gateway_name(&family_name);
+    let labels = json!({
+        "app.kubernetes.io/name": "multisite-gateway",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "gateway",
+        "app.kubernetes.io/part-of": family_name,
+        "app.kubernetes.io/managed-by": "multisite-operator",
+        "multisite.dev/family": family_name,
+        "multisite.dev/replica": replica,
+    });
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": owner(family)},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app.kubernetes.io/name": "multisite-gateway", "app.kubernetes.io/instance": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "enableServiceLinks": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "gateway",
+                        "image": image.reference,
+                        "imagePullPolicy": image.pull_policy,
+                        "args": [
+                            "gateway",
+                            format!("--replica=http://{replica}.{namespace}.svc:{API_PORT}"),
+                            format!("--replica-name={replica}"),
+                            format!("--endpoint={endpoint}"),
+                            format!("--listen=0.0.0.0:{CLIENT_PORT}"),
+                            format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
+                            format!("--token-file=/etc/multisite/gateway/{GATEWAY_TOKEN_KEY}"),
+                        ],
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "ports": [{"name": "http", "containerPort": CLIENT_PORT, "protocol": "TCP"}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2, "failureThreshold": 3},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [
+                            {"name": "secret", "mountPath": SECRET_DIR, "readOnly": true},
+                            {"name": "token", "mountPath": "/etc/multisite/gateway", "readOnly": true}
+                        ]
+                    }],
+                    "volumes": [
+                        {"name": "secret", "secret": {"secretName": secret_name(&family_name), "defaultMode": 0o440}},
+                        {"name": "token", "secret": {"secretName": name, "defaultMode": 0o440}}
+                    ]
+                }
+            }
+        }
+    })
+}
+
+/// The Service in front of the gateway (the outside system's updates come in here).
+pub fn gateway_service(family: &ReplicaFamily) -> Value {
+    let family_name = family.metadata.name.clone().unwrap_or_default();
+    let name = gateway_name(&family_name);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": family.metadata.namespace, "ownerReferences": owner(family),
+            "labels": {"app.kubernetes.io/managed-by": "multisite-operator", "multisite.dev/family": family_name}},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": "multisite-gateway", "app.kubernetes.io/instance": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+        }
+    })
+}
+
+/// The Secret with the token outside systems present to the gateway.
+pub fn gateway_token_secret(family: &ReplicaFamily, token: &str) -> Value {
+    let family_name = family.metadata.name.clone().unwrap_or_default();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": gateway_name(&family_name), "namespace": family.metadata.namespace,
+            "ownerReferences": owner(family),
+            "labels": {"app.kubernetes.io/managed-by": "multisite-operator", "multisite.dev/family": family_name}},
+        "stringData": {GATEWAY_TOKEN_KEY: token}
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,7 @@ pub fn verdicts(
     replicas: &[Arc<Replica>],
     links: &[LinkStatus],
     topology_error: Option<&str>,
+    gateway_problem: Option<&str>,
 ) -> Verdicts {
     let v = |b: bool, r: &str, m: String| (b, r.to_string(), m);
     let phase = |r: &Replica| r.status.as_ref().and_then(|s| s.phase);
@@ -141,6 +142,8 @@ pub fn verdicts(
         )
     } else if !failing.is_empty() {
         v(true, "LinksFailing", failing.join("; "))
+    } else if let Some(problem) = gateway_problem {
+        v(true, "Gateway", problem.to_string())
     } else {
         v(false, "Healthy", "replicas and links are healthy".into())
     };
@@ -289,7 +292,13 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
         });
     status.max_lag_changes = links.iter().map(|l| l.lag_changes).max();
     status.links = links;
-    let verdicts = verdicts(&members, &status.links, topology_error.as_deref());
+    let gateway = super::gateway::reconcile(ctx, family).await?;
+    let verdicts = verdicts(
+        &members,
+        &status.links,
+        topology_error.as_deref(),
+        gateway.problem.as_deref(),
+    );
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     for (type_, (value, reason, message)) in [
         (READY, &verdicts.ready),
@@ -387,6 +396,7 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
         ctx.announce(&key, "UpgradeRefused", false);
     }
     let mut ours = old.clone();
+    ours.gateway = gateway.status;
     ours.observed_generation = status.observed_generation;
     ours.conditions = status.conditions;
     ours.feature_level = status.feature_level;
@@ -481,18 +491,23 @@ mod tests {
         ];
         for (links, expected) in cases {
             assert_eq!(
-                verdicts(&two, &links, None).synchronized.0,
+                verdicts(&two, &links, None, None).synchronized.0,
                 expected,
                 "{links:?}"
             );
         }
-        assert!(verdicts(&[replica("a")], &[], None).synchronized.0);
-        assert!(!verdicts(&[], &[], None).ready.0);
-        let failing = verdicts(&two, &[link(0, 0, true, Some("down"))], None);
+        assert!(verdicts(&[replica("a")], &[], None, None).synchronized.0);
+        assert!(!verdicts(&[], &[], None, None).ready.0);
+        let failing = verdicts(&two, &[link(0, 0, true, Some("down"))], None, None);
         assert!(failing.degraded.0 && failing.degraded.2.contains("down"));
         assert_eq!(
-            verdicts(&two, &[], Some("bad hub")).degraded.1,
+            verdicts(&two, &[], Some("bad hub"), None).degraded.1,
             "TopologyInvalid"
+        );
+        let gateway = verdicts(&two, &[link(0, 0, true, None)], None, Some("gateway down"));
+        assert_eq!(
+            (gateway.degraded.0, gateway.degraded.1.as_str()),
+            (true, "Gateway")
         );
     }
 }

@@ -11,6 +11,7 @@ pub mod builders;
 pub mod clients;
 pub mod context;
 pub mod families;
+pub mod gateway;
 pub mod leader;
 pub mod metrics;
 pub mod others;

@@ -141,6 +141,7 @@ pub fn fill_status(status: &mut ReplicaStatus, report: &StatusReport) {
         users: count("users"),
     });
     status.schema_repository_master = Some(report.schema_repository_master.clone());
+    status.gateway_replica = report.gateway_replica.clone();
     status.removal_pending = report.removal_pending.clone();
 }
 

@@ -27,6 +27,10 @@ pub struct Replica {
     compat: Compatibility,
     secret: Secret,
     limits: Limits,
+    /// The gateway process allowed to act for this replica, until when. Kept in memory:
+    /// after a restart the first gateway to ask gets it, and the other is refused at
+    /// its next renewal.
+    gateway_lease: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 pub type Shared = Arc<Replica>;
@@ -169,6 +173,7 @@ impl Replica {
             compat,
             secret,
             limits: Limits::default(),
+            gateway_lease: Mutex::new(None),
         })
     }
 
@@ -711,6 +716,48 @@ fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiRe
         }
     }
     Ok(())
+}
+
+/// `POST /v1/gateway/lease`: a gateway process asks to be (or stay) the one that acts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayLease {
+    pub holder: String,
+    pub seconds: u64,
+}
+
+/// Grants the lease to `holder` when it is free, expired or already theirs; 409 naming
+/// the holder otherwise.
+async fn gateway_lease(
+    State(r): State<Shared>,
+    Json(body): Json<GatewayLease>,
+) -> ApiResult<Json<GatewayLease>> {
+    let now = std::time::Instant::now();
+    let mut lease = r
+        .gateway_lease
+        .lock()
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lease lock poisoned"))?;
+    if let Some((holder, until)) = lease.as_ref()
+        && *holder != body.holder
+        && *until > now
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "gateway {holder} acts for this replica for {} s more",
+                until.duration_since(now).as_secs()
+            ),
+        ));
+    }
+    let seconds = body.seconds.clamp(1, 300);
+    *lease = Some((
+        body.holder.clone(),
+        now + std::time::Duration::from_secs(seconds),
+    ));
+    Ok(Json(GatewayLease {
+        holder: body.holder,
+        seconds,
+    }))
 }
 
 /// What `GET /v1/session` answers a client whose release may open this replica.
@@ -1317,6 +1364,7 @@ pub fn router(replica: Shared) -> Router {
     let api = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/session", get(session))
+        .route("/v1/gateway/lease", post(gateway_lease))
         .route(
             "/v1/bootstrap",
             get(already_bootstrapped).post(already_bootstrapped),
