@@ -1899,4 +1899,55 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
         let gateway = env.family("sampl").status?.gateway?;
         (gateway.one_directional_records == 1).then_some(())
     });
+
+    // The pin moves to paris while changes keep coming: every event still arrives once.
+    let mut more = Vec::new();
+    for name in NAMES {
+        more.extend(env.write(&client, name, 2, "before the move"));
+    }
+    env.patch_family(
+        "sampl",
+        json!({"spec": {"gateway": {"replica": "sampl-paris"}}}),
+    );
+    for name in NAMES {
+        more.extend(env.write(&client, name, 2, "during the move"));
+    }
+    env.wait("the gateway runs at sampl-paris", || {
+        let gateway = env.family("sampl").status?.gateway?;
+        (gateway.replica == "sampl-paris" && gateway.connected).then_some(())
+    });
+    for name in NAMES {
+        more.extend(env.write(&client, name, 2, "after the move"));
+    }
+    // The earlier changes, the new records, and the update that came in through the gateway.
+    let total = expected.len() + more.len() + 1;
+    let expected: BTreeSet<(String, String)> = expected
+        .into_iter()
+        .chain(more.iter().map(|id| (id.clone(), "create".to_string())))
+        .chain([(at_tokyo.clone(), "modify".to_string())])
+        .collect();
+    let events = env.wait(
+        &format!("the outside system received all {total} events"),
+        || {
+            let events = outside.events();
+            let got: BTreeSet<(String, String)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e["record"].as_str().unwrap_or_default().to_string(),
+                        e["action"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            (expected.is_subset(&got) && events.len() >= total).then_some(events)
+        },
+    );
+    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let unique: BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "an event was delivered twice across the move: {ids:?}"
+    );
+    assert_eq!(ids.len(), total, "{events:?}");
 }

@@ -37,11 +37,7 @@ pub fn client(secret: &Secret, release: Option<&str>, compat: &Compatibility) ->
 
 /// The newest release in the compatibility data, as a concrete version.
 pub fn newest_release(compat: &Compatibility) -> String {
-    let row = compat.newest_release();
-    row.matches
-        .first()
-        .cloned()
-        .unwrap_or_else(|| row.release.clone())
+    compat.newest_release_version()
 }
 
 /// Reads a schema file: YAML `recordTypes: [{name, fields: [{name, type}]}]`.

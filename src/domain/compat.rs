@@ -243,6 +243,15 @@ impl Compatibility {
         &self.doc.releases[self.doc.releases.len() - 1]
     }
 
+    /// The newest release as a concrete version a client presents (e.g. `8.0.1.1`).
+    pub fn newest_release_version(&self) -> String {
+        let row = self.newest_release();
+        row.matches
+            .first()
+            .cloned()
+            .unwrap_or_else(|| row.release.clone())
+    }
+
     /// The metaschema version a database at `fl` has: the lowest metaschema of a
     /// release that opens that level.
     pub fn metaschema_for(&self, fl: FeatureLevel) -> Option<i32> {

@@ -2,9 +2,8 @@
 //! token Secret for the outside system, the family setting that makes change events
 //! mastered at the pinned replica, and the gateway's state in the family's status.
 //!
-//! Moving the pin to another replica is not carried out yet: events already mastered
-//! at the old replica would not be delivered by a gateway at the new one. The status
-//! says so and the gateway stays where it is.
+//! Moving the pin drains first: the old gateway stops, the change events it would have
+//! delivered are handed to the new replica, and only then does the new gateway start.
 
 use super::OperatorError;
 use super::builders;
@@ -23,6 +22,149 @@ pub struct GatewayOutcome {
     pub problem: Option<String>,
 }
 
+fn waiting(status: Option<GatewayStatus>, problem: String) -> GatewayOutcome {
+    GatewayOutcome {
+        status,
+        problem: Some(problem),
+    }
+}
+
+/// The live change events at the replica at `url` mastered at `master`.
+async fn events_mastered_at(
+    client: &crate::replica::http::ReplicaClient,
+    url: &str,
+    master: &str,
+) -> Result<Vec<String>, OperatorError> {
+    let path = format!(
+        "/v1/records?type={}",
+        crate::packet::change::CHANGE_EVENT_TYPE
+    );
+    let events: Vec<crate::replica::server::ItemView> = client.get_json(url, &path).await?;
+    Ok(events
+        .into_iter()
+        .filter(|e| e.master == master && !e.deleted)
+        .map(|e| e.id)
+        .collect())
+}
+
+/// Moving the gateway from `from` to `to`: the old gateway stops, change events are
+/// mastered at `to` from now on, the events still mastered at `from` are handed to `to`
+/// once nothing travels towards either end, and the new gateway starts only when `to`
+/// masters every one of them. Returns what it waits for, or `None` when done.
+async fn move_pin(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+    from: &str,
+    to: &str,
+) -> Result<Option<String>, OperatorError> {
+    let namespace = family.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = builders::gateway_name(&family.name_any());
+    let moving = format!("moving the gateway from {from} to {to}");
+    if deployments.get_opt(&name).await?.is_some() {
+        deployments.delete(&name, &Default::default()).await?;
+        ctx.event(
+            family,
+            false,
+            "GatewayMoving",
+            "Gateway",
+            format!("{moving}: the gateway at {from} is stopped first"),
+        )
+        .await;
+    }
+    let members = ctx.members(&namespace, &family.name_any());
+    let endpoint = |n: &str| {
+        members
+            .iter()
+            .find(|r| r.name_any() == n)
+            .and_then(|r| r.status.as_ref()?.endpoint.clone())
+    };
+    let (Some(from_url), Some(to_url)) = (endpoint(from), endpoint(to)) else {
+        return Ok(Some(format!("{moving}: both must be serving")));
+    };
+    let client = ctx
+        .replica_client(&namespace, &family.name_any())
+        .await?
+        .with_release(Some(ctx.compat.newest_release_version()));
+    let knows = |n: &str| {
+        members
+            .iter()
+            .find(|r| r.name_any() == n)
+            .and_then(|r| r.status.as_ref()?.gateway_replica.clone())
+            .is_some_and(|g| g == to)
+    };
+    if !knows(to) {
+        let body = serde_json::json!({"key": crate::packet::change::GATEWAY_REPLICA, "value": to});
+        client
+            .send_json::<serde_json::Value>(hyper::Method::POST, &to_url, "/v1/settings", &body)
+            .await?;
+        return Ok(Some(format!(
+            "{moving}: change events are mastered at {to} from now on"
+        )));
+    }
+    // Every replica must know the new pin, and nothing may still travel towards either end.
+    let unaware: Vec<String> = members
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Active))
+        .filter(|r| r.status.as_ref().and_then(|s| s.gateway_replica.as_deref()) != Some(to))
+        .map(|r| r.name_any())
+        .collect();
+    if !unaware.is_empty() {
+        return Ok(Some(format!(
+            "{moving}: waiting for {} to learn the new pin",
+            unaware.join(", ")
+        )));
+    }
+    let links = ctx.links_of(&(namespace.clone(), family.name_any()));
+    if let Some(l) = links
+        .iter()
+        .find(|l| (l.to == from || l.to == to) && l.lag_changes > 0)
+    {
+        return Ok(Some(format!(
+            "{moving}: waiting for {}->{} to deliver its last changes",
+            l.from, l.to
+        )));
+    }
+    let at_from = events_mastered_at(&client, &from_url, from).await?;
+    for id in &at_from {
+        let body = serde_json::json!({"to": to});
+        let path = format!("/v1/records/{id}/mastership");
+        client
+            .send_json::<serde_json::Value>(hyper::Method::POST, &from_url, &path, &body)
+            .await?;
+    }
+    if !at_from.is_empty() {
+        ctx.event(
+            family,
+            false,
+            "GatewayMoving",
+            "Gateway",
+            format!("{moving}: {} change events handed over", at_from.len()),
+        )
+        .await;
+        return Ok(Some(format!(
+            "{moving}: {} change events handed over",
+            at_from.len()
+        )));
+    }
+    let still = events_mastered_at(&client, &to_url, from).await?;
+    if !still.is_empty() {
+        return Ok(Some(format!(
+            "{moving}: {} change events not handed over at {to} yet",
+            still.len()
+        )));
+    }
+    ctx.event(
+        family,
+        false,
+        "GatewayMoved",
+        "Gateway",
+        format!("every change event is mastered at {to}; the gateway starts there"),
+    )
+    .await;
+    Ok(None)
+}
+
 pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutcome, OperatorError> {
     let Some(spec) = &family.spec.gateway else {
         return Ok(GatewayOutcome {
@@ -32,58 +174,64 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
     };
     let namespace = family.namespace().unwrap_or_default();
     let members = ctx.members(&namespace, &family.name_any());
+    let previous = family.status.as_ref().and_then(|s| s.gateway.clone());
     let Some(pinned) = members.iter().find(|r| r.name_any() == spec.replica) else {
-        return Ok(GatewayOutcome {
-            status: None,
-            problem: Some(format!(
+        return Ok(waiting(
+            previous,
+            format!(
                 "spec.gateway.replica names {}, which is not a replica of this family",
                 spec.replica
-            )),
-        });
+            ),
+        ));
     };
     let pinned_status = pinned.status.clone().unwrap_or_default();
     if pinned_status.phase != Some(ReplicaPhase::Active) {
-        return Ok(GatewayOutcome {
-            status: None,
-            problem: Some(format!("waiting for {} to be Active", spec.replica)),
-        });
+        return Ok(waiting(
+            previous,
+            format!("waiting for {} to be Active", spec.replica),
+        ));
     }
-    // The family setting: change events are mastered at the pinned replica.
-    match pinned_status.gateway_replica.as_deref() {
-        Some(current) if current == spec.replica => {}
-        Some(other) => {
-            return Ok(GatewayOutcome {
-                status: None,
-                problem: Some(format!(
-                    "the gateway is pinned to {other}; moving it to {} (draining its change events first) is not supported yet: set spec.gateway.replica back to {other}",
-                    spec.replica
-                )),
-            });
+    // Where the gateway was connected: a different replica means the pin moves.
+    let current = previous
+        .as_ref()
+        .map(|g| g.replica.clone())
+        .or_else(|| pinned_status.gateway_replica.clone())
+        .filter(|r| members.iter().any(|m| m.name_any() == *r));
+    if let Some(from) = current.filter(|r| *r != spec.replica) {
+        if let Some(why) = move_pin(ctx, family, &from, &spec.replica).await? {
+            let mut status = previous.unwrap_or_default();
+            status.replica = from;
+            status.connected = false;
+            return Ok(waiting(Some(status), why));
         }
-        None => {
-            if let Some(url) = &pinned_status.endpoint {
-                let client = ctx.replica_client(&namespace, &family.name_any()).await?;
-                let body = serde_json::json!({"key": crate::packet::change::GATEWAY_REPLICA, "value": spec.replica});
-                client
-                    .send_json::<serde_json::Value>(hyper::Method::POST, url, "/v1/settings", &body)
-                    .await?;
-                ctx.event(
-                    family,
-                    false,
-                    "GatewayPinned",
-                    "Gateway",
-                    format!(
-                        "change events are now mastered at {}, the gateway's replica",
-                        spec.replica
-                    ),
-                )
-                .await;
-            }
-        }
+    } else if pinned_status.gateway_replica.as_deref() != Some(spec.replica.as_str())
+        && let Some(url) = &pinned_status.endpoint
+    {
+        // The family setting: change events are mastered at the pinned replica.
+        let client = ctx.replica_client(&namespace, &family.name_any()).await?;
+        let body = serde_json::json!({"key": crate::packet::change::GATEWAY_REPLICA, "value": spec.replica});
+        client
+            .send_json::<serde_json::Value>(hyper::Method::POST, url, "/v1/settings", &body)
+            .await?;
+        ctx.event(
+            family,
+            false,
+            "GatewayPinned",
+            "Gateway",
+            format!(
+                "change events are now mastered at {}, the gateway's replica",
+                spec.replica
+            ),
+        )
+        .await;
     }
     let Some(endpoint) = &spec.endpoint else {
+        let status = GatewayStatus {
+            replica: spec.replica.clone(),
+            ..Default::default()
+        };
         return Ok(GatewayOutcome {
-            status: None,
+            status: Some(status),
             problem: None,
         });
     };

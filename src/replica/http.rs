@@ -63,6 +63,12 @@ impl ReplicaClient {
         self
     }
 
+    /// The same client presenting `release` on record calls.
+    pub fn with_release(mut self, release: Option<String>) -> Self {
+        self.release = release;
+        self
+    }
+
     fn url(base: &str, path: &str) -> Result<hyper::Uri, HttpError> {
         let base = base.trim_end_matches('/');
         let base = if base.contains("://") {
