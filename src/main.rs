@@ -133,32 +133,10 @@ enum Command {
         #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
         secret_file: Option<PathBuf>,
     },
-    /// Run a family's gateway: send the change events at its replica to an outside
-    /// system (HTTP POST of JSON, oldest first, each deleted once delivered, retried with
-    /// back-off) and apply the outside system's updates (POST /v1/updates with the
-    /// gateway token) to its replica. Only one gateway acts per replica (a lease there).
+    /// The family's gateway to an outside system.
     Gateway {
-        /// URL of the replica the gateway is pinned to.
-        #[arg(long, value_name = "URL")]
-        replica: String,
-        /// That replica's name (the master of the change events it delivers).
-        #[arg(long, value_name = "NAME")]
-        replica_name: String,
-        /// Where change events go (http://).
-        #[arg(long, value_name = "URL")]
-        endpoint: String,
-        /// Address of the gateway's own API.
-        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
-        listen: String,
-        /// File holding the family's shared secret.
-        #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
-        secret_file: Option<PathBuf>,
-        /// File holding the token the outside system presents on updates.
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
-        /// This process's name in the replica's gateway lease (in a pod: its name).
-        #[arg(long, value_name = "NAME", env = "POD_NAME")]
-        identity: Option<String>,
+        #[command(subcommand)]
+        command: GatewayCommand,
     },
     /// Show a family as the operator sees it: replicas (phase, feature levels,
     /// incarnation, held packets, epochs) and links (last task, lag, errors).
@@ -486,6 +464,48 @@ enum MastershipCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum GatewayCommand {
+    /// Run a family's gateway: send the change events at its replica to an outside
+    /// system (HTTP POST of JSON, oldest first, each deleted once delivered, retried with
+    /// back-off) and apply the outside system's updates (POST /v1/updates with the
+    /// gateway token) to its replica. Only one gateway acts per replica (a lease there).
+    Serve {
+        /// URL of the replica the gateway is pinned to.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// That replica's name (the master of the change events it delivers).
+        #[arg(long, value_name = "NAME")]
+        replica_name: String,
+        /// Where change events go (http://).
+        #[arg(long, value_name = "URL")]
+        endpoint: String,
+        /// Address of the gateway's own API.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// File holding the family's shared secret.
+        #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+        /// File holding the token the outside system presents on updates.
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// This process's name in the replica's gateway lease (in a pod: its name).
+        #[arg(long, value_name = "NAME", env = "POD_NAME")]
+        identity: Option<String>,
+    },
+    /// Move the mastership of the records the gateway could not update (mastered at
+    /// other replicas) to the gateway's replica, so that the outside system's next
+    /// updates apply. Sets the family's annotation multisite.dev/remaster; the operator
+    /// carries it out and removes it.
+    Remaster {
+        /// The ReplicaFamily's name.
+        family: String,
+        /// Namespace (default: the kubeconfig's).
+        #[arg(short = 'n', long, value_name = "NS")]
+        namespace: Option<String>,
+    },
+}
+
 /// How log lines look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -693,13 +713,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateway {
-            replica,
-            replica_name,
-            endpoint,
-            listen,
-            secret_file,
-            token_file,
-            identity,
+            command:
+                GatewayCommand::Serve {
+                    replica,
+                    replica_name,
+                    endpoint,
+                    listen,
+                    secret_file,
+                    token_file,
+                    identity,
+                },
         } => {
             init_logging(false);
             runtime()?.block_on(multisite::cmd::gateway::serve(
@@ -713,6 +736,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     identity,
                 },
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway {
+            command: GatewayCommand::Remaster { family, namespace },
+        } => {
+            print!(
+                "{}",
+                runtime()?.block_on(multisite::cmd::gateway::remaster(namespace, &family))?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status {

@@ -1900,6 +1900,33 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
         (gateway.one_directional_records == 1).then_some(())
     });
 
+    // `multisite gateway remaster` moves that record to the gateway's replica; the
+    // outside system's update then applies.
+    let out = Command::new(BIN)
+        .args(["gateway", "remaster", "sampl", "-n", &env.namespace])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("multisite gateway remaster");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 one-directional record"),
+        "{}",
+        text(&out.stdout)
+    );
+    env.wait("no one-directional record is left", || {
+        let family = env.family("sampl");
+        let gone = !family.annotations().contains_key("multisite.dev/remaster");
+        (gone && family.status?.gateway?.one_directional_records == 0).then_some(())
+    });
+    env.rt
+        .block_on(gateway.send_json::<Value>(
+            hyper::Method::POST,
+            &url,
+            "/v1/updates",
+            &json!({"id": at_paris, "fields": {"state": "closed"}}),
+        ))
+        .expect("the update applies once the record is mastered at the gateway's replica");
+
     // The pin moves to paris while changes keep coming: every event still arrives once.
     let mut more = Vec::new();
     for name in NAMES {
@@ -1919,12 +1946,16 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
     for name in NAMES {
         more.extend(env.write(&client, name, 2, "after the move"));
     }
-    // The earlier changes, the new records, and the update that came in through the gateway.
-    let total = expected.len() + more.len() + 1;
+    // The earlier changes, the new records, and the two updates that came in through
+    // the gateway.
+    let total = expected.len() + more.len() + 2;
     let expected: BTreeSet<(String, String)> = expected
         .into_iter()
         .chain(more.iter().map(|id| (id.clone(), "create".to_string())))
-        .chain([(at_tokyo.clone(), "modify".to_string())])
+        .chain([
+            (at_tokyo.clone(), "modify".to_string()),
+            (at_paris.clone(), "modify".to_string()),
+        ])
         .collect();
     let events = env.wait(
         &format!("the outside system received all {total} events"),

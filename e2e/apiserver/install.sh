@@ -45,7 +45,21 @@ server_pkg=golang-k8s-apiextensions-apiserver-dev
 main_import=multisite.dev/apiserver
 
 t0=$EPOCHREALTIME
-say() { [ "$quiet" = 1 ] || printf 'apiserver install: %s\n' "$*"; }
+# With -q, messages are held back until there is work to do (then they all show).
+held=()
+say() {
+    if [ "$quiet" = 1 ]; then
+        held+=("$*")
+    else
+        printf 'apiserver install: %s\n' "$*"
+    fi
+}
+working() {
+    if [ "$quiet" = 1 ]; then
+        quiet=0
+        [ ${#held[@]} -eq 0 ] || printf 'apiserver install: %s\n' "${held[@]}"
+    fi
+}
 loud() { printf 'apiserver install: %s\n' "$*" >&2; }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1fs", b - a }'; }
 unavailable() {
@@ -67,7 +81,7 @@ done
 # One install at a time per cache.
 exec 9>"$cache/.lock"
 if ! flock -n 9; then
-    say "another install holds $cache/.lock; waiting"
+    loud "another install holds $cache/.lock; waiting"
     flock 9
 fi
 
@@ -194,8 +208,10 @@ if built && [ -f "$cache/closure.txt" ] && grep -qx "main $main_hash" "$stamp"; 
         say "up to date: the ${#names[@]} packages of the last build are unchanged in $suite ($(elapsed "$t0"))"
         exit 0
     fi
+    working
     say "packages moved in $suite since the last build; resolving again"
 fi
+working
 
 # The dependency graph Debian declares for the server's sources: one "package dep" a
 # line, -dev packages only, virtual packages replaced by their providers.

@@ -78,3 +78,30 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let _ = delivery.await;
     Ok(())
 }
+
+/// `multisite gateway remaster FAMILY`: asks the operator (through the family's
+/// annotation) to move the one-directional records' mastership to the gateway's replica.
+pub async fn remaster(namespace: Option<String>, family: &str) -> anyhow::Result<String> {
+    use kube::api::{Api, Patch, PatchParams};
+    let client =
+        crate::cmd::operator::kube_client(concat!("multisite/", env!("CARGO_PKG_VERSION"))).await?;
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    let api: Api<crate::api::ReplicaFamily> = Api::namespaced(client, &namespace);
+    let Some(object) = api.get_opt(family).await? else {
+        anyhow::bail!("no ReplicaFamily {family} in namespace {namespace}");
+    };
+    if object.spec.gateway.is_none() {
+        anyhow::bail!("ReplicaFamily {namespace}/{family} has no gateway (spec.gateway)");
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": {crate::operator::gateway::REMASTER: "true"}}});
+    api.patch(family, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let count = object
+        .status
+        .and_then(|s| s.gateway)
+        .map(|g| g.one_directional_records)
+        .unwrap_or(0);
+    Ok(format!(
+        "asked the operator to move the mastership of {count} one-directional record(s) of {namespace}/{family} to the gateway's replica; `multisite status {family} -n {namespace}` shows when none is left\n"
+    ))
+}

@@ -186,6 +186,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// Forgets the one-directional records whose mastership has come to its replica.
+    async fn recheck_one_directional(&self) {
+        let ids: Vec<String> = locked(&self.one_directional).iter().cloned().collect();
+        for id in ids {
+            let item: Result<ItemView, _> = self
+                .replica
+                .get_json(&self.replica_url, &format!("/v1/records/{id}"))
+                .await;
+            if item.is_ok_and(|i| i.master == self.replica_name) {
+                locked(&self.one_directional).remove(&id);
+            }
+        }
+    }
+
     /// Holds the lease and delivers, until `stop` resolves.
     pub async fn run(self: Shared, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
@@ -202,6 +216,7 @@ impl Gateway {
                 true
             };
             let wait = if leader {
+                self.recheck_one_directional().await;
                 match self.deliver().await {
                     Ok(()) => {
                         backoff = Duration::from_secs(1);

@@ -380,6 +380,7 @@ pub fn gateway_deployment(
                         "imagePullPolicy": image.pull_policy,
                         "args": [
                             "gateway",
+                            "serve",
                             format!("--replica=http://{replica}.{namespace}.svc:{API_PORT}"),
                             format!("--replica-name={replica}"),
                             format!("--endpoint={endpoint}"),

@@ -15,6 +15,58 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
+/// `"true"` on a family asks for the one-directional records' mastership to move to the
+/// gateway's replica; the operator removes it once done (`multisite gateway remaster`).
+pub const REMASTER: &str = "multisite.dev/remaster";
+
+/// Moves the mastership of `ids` to `to`, each at its current master. Returns how many
+/// moved; records whose master cannot be reached are left for the next request.
+async fn remaster(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+    to: &str,
+    ids: &[String],
+) -> Result<usize, OperatorError> {
+    let namespace = family.namespace().unwrap_or_default();
+    let members = ctx.members(&namespace, &family.name_any());
+    let endpoint = |n: &str| {
+        members
+            .iter()
+            .find(|r| r.name_any() == n)
+            .and_then(|r| r.status.as_ref()?.endpoint.clone())
+    };
+    let Some(to_url) = endpoint(to) else {
+        return Ok(0);
+    };
+    let client = ctx
+        .replica_client(&namespace, &family.name_any())
+        .await?
+        .with_release(Some(ctx.compat.newest_release_version()));
+    let mut moved = 0;
+    for id in ids {
+        let item: crate::replica::server::ItemView = client
+            .get_json(&to_url, &format!("/v1/records/{id}"))
+            .await?;
+        if item.master == to {
+            continue;
+        }
+        let Some(master_url) = endpoint(&item.master) else {
+            continue;
+        };
+        let body = serde_json::json!({"to": to});
+        client
+            .send_json::<serde_json::Value>(
+                hyper::Method::POST,
+                &master_url,
+                &format!("/v1/records/{id}/mastership"),
+                &body,
+            )
+            .await?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
 /// What the gateway reconcile found (for status and conditions).
 pub struct GatewayOutcome {
     pub status: Option<GatewayStatus>,
@@ -282,6 +334,33 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
         }
         None => None,
     };
+    if family
+        .annotations()
+        .get(REMASTER)
+        .is_some_and(|v| v == "true")
+        && let Some(report) = &report
+    {
+        let moved = remaster(ctx, family, &spec.replica, &report.one_directional_records).await?;
+        let api: Api<ReplicaFamily> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {REMASTER: null}}});
+        api.patch(
+            &family.name_any(),
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+        ctx.event(
+            family,
+            false,
+            "Remastered",
+            "Gateway",
+            format!(
+                "mastership of {moved} one-directional record(s) moved to {}, the gateway's replica",
+                spec.replica
+            ),
+        )
+        .await;
+    }
     let status = GatewayStatus {
         replica: spec.replica.clone(),
         connected: report.as_ref().is_some_and(|r| r.connected),
