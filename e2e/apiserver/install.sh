@@ -74,7 +74,7 @@ use_cached_build() { # nothing new can be had, but an earlier build of the same 
     fi
 }
 
-for tool in apt-get apt-cache dpkg-deb sha256sum awk flock; do
+for tool in apt-get apt-cache dpkg dpkg-deb sha256sum awk flock; do
     command -v "$tool" >/dev/null || unavailable "$tool is not installed (a Debian or Ubuntu machine is needed)"
 done
 

@@ -10,7 +10,8 @@
 //     authorizer allows everything;
 //   - runs no admission plugins, no priority-and-fairness and no core informers, and
 //     needs no kube-apiserver to delegate authentication or authorization to;
-//   - answers /api (no versions: there is no core API here) and /apis (the
+//   - answers /api and /api/v1 (the core version, with no resources: clients such as
+//     kubectl expect it to exist, for "kind: List" files for example) and /apis (the
 //     apiextensions.k8s.io group and the groups of the Established CRDs), in the legacy
 //     and the aggregated discovery formats, which the standalone server leaves to the
 //     kube-aggregator;
@@ -29,6 +30,7 @@ import (
 	"strings"
 	"time"
 
+	apidiscoveryv2 "k8s.io/api/apidiscovery/v2"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apiextensions-apiserver/pkg/apiserver"
 	listers "k8s.io/apiextensions-apiserver/pkg/client/listers/apiextensions/v1"
@@ -131,6 +133,9 @@ func run(ctx context.Context, listen string, etcdServers []string, etcdPrefix st
 	routes.addresses = discovery.DefaultAddresses{DefaultAddress: addr.String()}
 	routes.apis = discoveryaggregated.WrapAggregatedDiscoveryToHandler(http.HandlerFunc(routes.serveAPIs), generic.AggregatedDiscoveryGroupManager, nil)
 	routes.api = discoveryaggregated.WrapAggregatedDiscoveryToHandler(http.HandlerFunc(routes.serveAPI), generic.AggregatedLegacyDiscoveryGroupManager, nil)
+	generic.AggregatedLegacyDiscoveryGroupManager.AddGroupVersion("", apidiscoveryv2.APIVersionDiscovery{
+		Version: "v1", Freshness: apidiscoveryv2.DiscoveryFreshnessCurrent, Resources: []apidiscoveryv2.APIResourceDiscovery{},
+	})
 
 	// The generic server's own run loop starts the controllers (post-start hooks) and
 	// drives /readyz; it serves nothing itself since no secure serving is configured.
@@ -183,14 +188,19 @@ type discoveryRoutes struct {
 
 func (d *discoveryRoutes) wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		path := strings.TrimSuffix(req.URL.Path, "/")
-		if req.Method == http.MethodGet && d.apis != nil && (path == "/api" || path == "/apis") {
-			if path == "/api" {
+		if req.Method == http.MethodGet && d.apis != nil {
+			switch strings.TrimSuffix(req.URL.Path, "/") {
+			case "/api":
 				d.api.ServeHTTP(w, req)
-			} else {
+				return
+			case "/api/v1":
+				resources := &metav1.APIResourceList{GroupVersion: "v1", APIResources: []metav1.APIResource{}}
+				responsewriters.WriteObjectNegotiated(apiserver.Codecs, negotiation.DefaultEndpointRestrictions, schema.GroupVersion{}, w, req, http.StatusOK, resources, false)
+				return
+			case "/apis":
 				d.apis.ServeHTTP(w, req)
+				return
 			}
-			return
 		}
 		next.ServeHTTP(w, req)
 	})
@@ -198,7 +208,7 @@ func (d *discoveryRoutes) wrap(next http.Handler) http.Handler {
 
 func (d *discoveryRoutes) serveAPI(w http.ResponseWriter, req *http.Request) {
 	versions := &metav1.APIVersions{
-		Versions:                   []string{},
+		Versions:                   []string{"v1"},
 		ServerAddressByClientCIDRs: d.addresses.ServerAddressByClientCIDRs(utilnet.GetClientIP(req)),
 	}
 	responsewriters.WriteObjectNegotiated(apiserver.Codecs, negotiation.DefaultEndpointRestrictions, schema.GroupVersion{}, w, req, http.StatusOK, versions, false)
