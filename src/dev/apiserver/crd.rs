@@ -318,6 +318,26 @@ pub fn validate(
             causes.push(cause_of(&object, &failure.field_path, &failure.message));
         }
     }
+    // As in Kubernetes: errors that leave the object unusable for CEL (a missing,
+    // unsupported, too long or mistyped value) mean the rules were not evaluated, which
+    // the answer says in one more cause.
+    let blocking = causes.iter().any(|c| {
+        matches!(
+            c.error_type,
+            FieldErrorType::Required
+                | FieldErrorType::NotSupported
+                | FieldErrorType::TooLong
+                | FieldErrorType::TooMany
+                | FieldErrorType::TypeInvalid
+        )
+    });
+    if blocking && schema.to_string().contains("x-kubernetes-validations") {
+        causes.push(FieldError::invalid(
+            "<nil>",
+            Value::Null,
+            "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation",
+        ));
+    }
     if !causes.is_empty() {
         return Err(Error::Invalid {
             kind: GroupKind {
