@@ -76,6 +76,18 @@ struct Env {
     started: Instant,
 }
 
+/// With `MULTISITE_E2E_DELEGATE_STATE` (a state directory of `e2e/apiserver/up.sh`), the
+/// embedded cluster forwards our custom resources, Leases and Events to that real
+/// Kubernetes API server (`dev up --delegate`).
+fn delegate_args() -> Vec<String> {
+    let Ok(state) = std::env::var("MULTISITE_E2E_DELEGATE_STATE") else {
+        return Vec::new();
+    };
+    let url = std::fs::read_to_string(Path::new(&state).join("url"))
+        .unwrap_or_else(|e| panic!("{state}/url: {e}"));
+    vec!["--delegate".to_string(), url.trim().to_string()]
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -132,6 +144,7 @@ impl Env {
                 "--dir",
             ])
             .arg(&dir)
+            .args(delegate_args())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -169,7 +182,8 @@ impl Env {
             rt,
             kube,
             kubeconfig,
-            namespace: "e2e".into(),
+            // A namespace per scenario: scenarios may share a delegate API server.
+            namespace: format!("e2e-{name}"),
             mode: Mode::Embedded {
                 _dev: dev,
                 operator: None,
@@ -180,8 +194,10 @@ impl Env {
             forwards: Mutex::default(),
             started: Instant::now(),
         };
-        env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: e2e}\n");
-        env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: multisite-system}\n");
+        env.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n",
+            env.namespace
+        ));
         env.start_operator();
         env
     }
@@ -193,6 +209,7 @@ impl Env {
     /// Starts the embedded cluster's operator process (again).
     fn start_operator(&mut self) {
         let kubeconfig = self.kubeconfig.clone();
+        let namespace = self.namespace.clone();
         let Mode::Embedded {
             operator,
             dir,
@@ -212,12 +229,13 @@ impl Env {
         command
             .args(["operator", "--identity", "e2e-operator", "--metrics-addr"])
             .arg(format!("127.0.0.1:{metrics}"))
+            .args(["--watch-namespaces", &namespace])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
             .stderr(log);
         if *lease {
-            command.args(["--leader-election", "--lease-namespace", "multisite-system"]);
+            command.args(["--leader-election", "--lease-namespace", &namespace]);
         }
         *operator = Some(Proc(command.spawn().expect("start the operator")));
     }
@@ -809,7 +827,10 @@ fn three_sites_come_up_ready_and_records_converge() {
         assert!(metrics.contains("multisite_leader 1"), "{metrics}");
         assert!(metrics.contains("outcome=\"succeeded\""), "{metrics}");
         assert!(
-            metrics.contains("multisite_link_lag_changes{namespace=\"e2e\",family=\"sampl\""),
+            metrics.contains(&format!(
+                "multisite_link_lag_changes{{namespace=\"{}\",family=\"sampl\"",
+                env.namespace
+            )),
             "{metrics}"
         );
         assert!(
@@ -981,7 +1002,7 @@ fn the_operator_killed_mid_task_resumes() {
     assert_eq!(incarnations, after, "no replica was re-created");
     if env.embedded() {
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(env.kube.clone(), "multisite-system");
+            Api::namespaced(env.kube.clone(), &env.namespace);
         let lease = env
             .rt
             .block_on(leases.get("multisite-operator"))
@@ -1106,8 +1127,9 @@ fn two_operators_only_the_leader_acts() {
                 "operator",
                 "--leader-election",
                 "--lease-namespace",
-                "multisite-system",
+                &env.namespace,
             ])
+            .args(["--watch-namespaces", &env.namespace])
             .args(["--identity", "e2e-standby", "--metrics-addr"])
             .arg(format!("127.0.0.1:{standby_metrics}"))
             .env("KUBECONFIG", &env.kubeconfig)
@@ -1146,7 +1168,7 @@ fn two_operators_only_the_leader_acts() {
 
     env.kill_operator();
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(env.kube.clone(), "multisite-system");
+        Api::namespaced(env.kube.clone(), &env.namespace);
     env.wait("the standby holds the lease", || {
         let lease = env
             .rt
