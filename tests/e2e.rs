@@ -10,6 +10,8 @@
 //!
 //! Every process a scenario starts is stopped when the scenario ends, failures included.
 
+mod common;
+use common::Proc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -19,7 +21,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,27 +29,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_multisite");
 const KUBECTL: &str = "kubectl";
 /// How long a cluster-level wait may take before the scenario fails.
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A child process stopped (and reaped) when dropped: SIGTERM first, so that `dev up`
-/// stops its pods' processes too, then SIGKILL if it lingers.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 enum Mode {
     /// Our own embedded cluster and operator.
@@ -710,6 +691,12 @@ fn replica_yaml(family: &str, name: &str, site: &str, from: Option<&str>) -> Str
 fn set(ids: impl IntoIterator<Item = Vec<String>>) -> BTreeSet<String> {
     ids.into_iter().flatten().collect()
 }
+
+/// The interop schema package of family sampl, as examples/interop-package.yaml has it
+/// (without its namespace).
+const INTEROP: &str = "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
+    spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
+    \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}, {name: replica, type: String}]\n";
 
 const THREE: [(&str, &str, Option<&str>); 3] = [
     ("sampl-tokyo", "tokyo", None),
@@ -1628,11 +1615,7 @@ fn a_schema_package_reaches_every_replica_including_a_late_one() {
     let env = Env::start("package", 12, false);
     env.apply(&fleet("sampl", &SITES, &THREE, ""));
     env.wait_active(&NAMES);
-    env.apply(
-        "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
-         spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
-         \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}]\n",
-    );
+    env.apply(INTEROP);
     let packages: Api<multisite::api::SchemaPackage> =
         Api::namespaced(env.kube.clone(), &env.namespace);
     let wait_everywhere = |names: &[&str]| {
@@ -1778,11 +1761,7 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
     );
     env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, &spec));
     env.wait_active(&NAMES);
-    env.apply(
-        "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
-         spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
-         \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}, {name: replica, type: String}]\n",
-    );
+    env.apply(INTEROP);
     let packages: Api<multisite::api::SchemaPackage> =
         Api::namespaced(env.kube.clone(), &env.namespace);
     env.wait("the interop package is on every replica", || {

@@ -104,6 +104,23 @@ pub struct ReplicaFamilySpec {
     pub sync: SyncSpec,
 }
 
+impl ReplicaFamilySpec {
+    /// A family with the given prefix and level and every other setting at its default.
+    pub fn new(id_prefix: &str, feature_level: i32) -> Self {
+        ReplicaFamilySpec {
+            id_prefix: id_prefix.to_string(),
+            schema: default_schema(),
+            feature_level,
+            upgrade_strategy: UpgradeStrategy::default(),
+            allow_unidirectional_replication: false,
+            paused: false,
+            clients: Vec::new(),
+            gateway: None,
+            sync: SyncSpec::default(),
+        }
+    }
+}
+
 fn default_schema() -> String {
     "DefectTracking".to_string()
 }

@@ -243,20 +243,7 @@ mod tests {
 
     #[test]
     fn status_table_shows_replicas_levels_and_links() {
-        let mut family = ReplicaFamily::new(
-            "sampl",
-            ReplicaFamilySpec {
-                id_prefix: "SAMPL".into(),
-                schema: "DefectTracking".into(),
-                feature_level: 8,
-                upgrade_strategy: Default::default(),
-                allow_unidirectional_replication: false,
-                paused: false,
-                clients: vec![],
-                gateway: None,
-                sync: Default::default(),
-            },
-        );
+        let mut family = ReplicaFamily::new("sampl", ReplicaFamilySpec::new("SAMPL", 8));
         family.metadata.namespace = Some("tracker".into());
         family.status = Some(ReplicaFamilyStatus {
             feature_level: Some(7),

@@ -555,20 +555,7 @@ mod tests {
     fn service_and_secret_are_valid_and_owned() {
         let svc: Service = serde_json::from_value(service(&replica())).expect("a Service");
         assert_eq!(svc.spec.expect("spec").cluster_ip.as_deref(), Some("None"));
-        let mut family = ReplicaFamily::new(
-            "sampl",
-            ReplicaFamilySpec {
-                id_prefix: "SAMPL".into(),
-                schema: "DefectTracking".into(),
-                feature_level: 7,
-                upgrade_strategy: Default::default(),
-                allow_unidirectional_replication: false,
-                paused: false,
-                clients: vec![],
-                gateway: None,
-                sync: Default::default(),
-            },
-        );
+        let mut family = ReplicaFamily::new("sampl", ReplicaFamilySpec::new("SAMPL", 7));
         family.metadata.uid = Some("uid-2".into());
         let secret: Secret =
             serde_json::from_value(family_secret(&family, "abcd")).expect("a Secret");

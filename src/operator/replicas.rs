@@ -718,20 +718,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     fn family() -> ReplicaFamily {
-        ReplicaFamily::new(
-            "sampl",
-            ReplicaFamilySpec {
-                id_prefix: "SAMPL".into(),
-                schema: "DefectTracking".into(),
-                feature_level: 7,
-                upgrade_strategy: Default::default(),
-                allow_unidirectional_replication: false,
-                paused: false,
-                clients: vec![],
-                gateway: None,
-                sync: Default::default(),
-            },
-        )
+        ReplicaFamily::new("sampl", ReplicaFamilySpec::new("SAMPL", 7))
     }
 
     fn replica(

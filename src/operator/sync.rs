@@ -533,14 +533,6 @@ mod tests {
         let mut family = ReplicaFamily::new(
             "f",
             ReplicaFamilySpec {
-                id_prefix: "F".into(),
-                schema: "DefectTracking".into(),
-                feature_level: 7,
-                upgrade_strategy: Default::default(),
-                allow_unidirectional_replication: false,
-                paused: false,
-                clients: vec![],
-                gateway: None,
                 sync: SyncSpec {
                     links: vec![LinkSpec {
                         from: "a".into(),
@@ -550,6 +542,7 @@ mod tests {
                     }],
                     ..Default::default()
                 },
+                ..ReplicaFamilySpec::new("F", 7)
             },
         );
         let members: BTreeMap<String, String> = ["a", "b", "c"]

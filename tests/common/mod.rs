@@ -601,3 +601,25 @@ pub fn assert_converged(family: &Family, urls: &[&str]) -> Digest {
     }
     first
 }
+
+/// A child process stopped (and reaped) when dropped: SIGTERM first, so that a process
+/// with children of its own (`dev up` and its pods) stops them too; SIGKILL if it is
+/// still there after 60 s.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
