@@ -611,6 +611,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
