@@ -546,6 +546,12 @@ enum DevCommand {
         /// e.g. to check RBAC rules against it.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
+        /// Delegate mode: serve the groups apiextensions.k8s.io, multisite.dev,
+        /// coordination.k8s.io and events.k8s.io from the API server at URL (plain
+        /// HTTP, e.g. the one e2e/apiserver/up.sh starts) and core/v1 and apps/v1 here;
+        /// clients still see one API server. The CRDs are installed there.
+        #[arg(long, value_name = "URL")]
+        delegate: Option<String>,
     },
     /// Stop the embedded cluster running from --dir.
     Down {
@@ -769,6 +775,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     no_operator,
                     first_pod_address,
                     audit_log,
+                    delegate,
                 } => {
                     init_logging(log_json);
                     if !first_pod_address.is_loopback() {
@@ -781,6 +788,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         operator: !no_operator,
                         first_pod_address,
                         audit_log,
+                        delegate,
                         ..multisite::dev::cluster::UpOptions::new(manifests)
                     };
                     runtime()?.block_on(multisite::cmd::dev::up(dir, options))?;

@@ -50,6 +50,7 @@
 
 pub mod audit;
 pub mod crd;
+pub mod delegate;
 pub mod discovery;
 pub mod patch;
 pub mod table;
@@ -133,6 +134,8 @@ struct Shared {
     dirty: std::sync::atomic::AtomicBool,
     /// Where each request is recorded, once [`ApiServer::audit_to`] was called.
     audit: OnceLock<audit::AuditLog>,
+    /// The server of the delegated groups, once [`ApiServer::delegate_to`] was called.
+    delegate: OnceLock<delegate::Delegate>,
 }
 
 /// How often a changed store is written to its snapshot file.
@@ -241,6 +244,7 @@ impl ApiServer {
                 snapshot,
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 audit: OnceLock::new(),
+                delegate: OnceLock::new(),
             }),
         };
         server.save(&server.lock());
@@ -322,6 +326,26 @@ impl ApiServer {
                 "this API server already writes an audit log",
             )
         })
+    }
+
+    /// Delegate mode: from now on the groups of [`delegate::DELEGATED_GROUPS`] are served
+    /// by the API server at `url` (plain HTTP), requests for them forwarded there, and
+    /// discovery merges both servers. The garbage collector no longer collects objects
+    /// whose owner is of a delegated group (the owner is not in this store). Once only.
+    pub fn delegate_to(&self, url: &str) -> Result<(), String> {
+        let delegate = delegate::Delegate::new(url)?;
+        self.shared
+            .delegate
+            .set(delegate)
+            .map_err(|_| "this API server already has a delegate".to_string())?;
+        self.lock()
+            .set_foreign_owner_groups(delegate::DELEGATED_GROUPS);
+        Ok(())
+    }
+
+    /// The delegate's URL in delegate mode.
+    pub fn delegate_url(&self) -> Option<&str> {
+        self.shared.delegate.get().map(delegate::Delegate::url)
     }
 
     /// The router serving the API.
@@ -520,6 +544,51 @@ async fn respond(
         );
         response
     };
+    if let Some(delegate) = server.shared.delegate.get() {
+        match segments.as_slice() {
+            ["apis", group, ..] | ["openapi", "v3", "apis", group, ..]
+                if delegate::delegated(group) =>
+            {
+                return delegate.forward(method, &uri, &headers, body).await;
+            }
+            ["apis"] if get && aggregated => {
+                let local = server.read(|s| discovery::aggregated(s, false));
+                return match delegate
+                    .document("/apis", discovery::AGGREGATED_CONTENT_TYPE)
+                    .await
+                {
+                    Ok(remote) if delegate::is_aggregated(&remote) => {
+                        aggregated_response(delegate::merge_aggregated(local, &remote))
+                    }
+                    // The delegate answered the legacy list: so do we.
+                    Ok(remote) => ok(&delegate::merge_group_list(
+                        server.read(discovery::group_list),
+                        &remote,
+                    )),
+                    Err(response) => response,
+                };
+            }
+            ["apis"] if get => {
+                return match delegate.document("/apis", "application/json").await {
+                    Ok(remote) => ok(&delegate::merge_group_list(
+                        server.read(discovery::group_list),
+                        &remote,
+                    )),
+                    Err(response) => response,
+                };
+            }
+            ["openapi", "v3"] if get => {
+                return match delegate.document("/openapi/v3", "application/json").await {
+                    Ok(remote) => ok(&delegate::merge_openapi_index(
+                        server.read(openapi_index),
+                        &remote,
+                    )),
+                    Err(response) => response,
+                };
+            }
+            _ => {}
+        }
+    }
     match segments.as_slice() {
         ["version"] if get => ok(&json!({
             "major": "1",

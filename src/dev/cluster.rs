@@ -127,6 +127,9 @@ pub async fn apply_all(
             })?;
         applied.push(format!("customresourcedefinition/{name}"));
     }
+    for crd in crate::api::crds() {
+        wait_established(&crds, &crd.metadata.name.clone().unwrap_or_default()).await?;
+    }
     let mut documents = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|e| file_error(file, e))?;
@@ -135,7 +138,7 @@ pub async fn apply_all(
     if documents.is_empty() {
         return Ok(applied);
     }
-    let discovery = kube::Discovery::new(client.clone())
+    let mut discovery = kube::Discovery::new(client.clone())
         .run()
         .await
         .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
@@ -151,6 +154,16 @@ pub async fn apply_all(
             None => (String::new(), types.api_version.clone()),
         };
         let gvk = GroupVersionKind::gvk(&group, &version, &types.kind);
+        // A delegate may list a CRD's kind in discovery a moment after it is Established.
+        let mut attempts = 0;
+        while discovery.resolve_gvk(&gvk).is_none() && attempts < DISCOVERY_ATTEMPTS {
+            attempts += 1;
+            tokio::time::sleep(POLL).await;
+            discovery = kube::Discovery::new(client.clone())
+                .run()
+                .await
+                .map_err(|e| ClusterError::ApiServer(e.to_string()))?;
+        }
         let Some((resource, caps)) = discovery.resolve_gvk(&gvk) else {
             return Err(ClusterError::Apply {
                 object: origin.to_string(),
@@ -179,6 +192,48 @@ pub async fn apply_all(
         applied.push(format!("{}/{name}", resource.plural));
     }
     Ok(applied)
+}
+
+/// How often `dev up` looks again at a CRD or at discovery it waits for.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long `dev up` waits for a CRD to become Established.
+const ESTABLISHED_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How often discovery is asked again for a kind it does not list yet.
+const DISCOVERY_ATTEMPTS: u32 = 25;
+
+/// Waits until the CRD `name` has the condition `Established` (at once on the embedded
+/// server; a delegate takes a moment).
+async fn wait_established(
+    crds: &Api<CustomResourceDefinition>,
+    name: &str,
+) -> Result<(), ClusterError> {
+    let deadline = tokio::time::Instant::now() + ESTABLISHED_WITHIN;
+    loop {
+        let crd = crds.get(name).await.map_err(|e| ClusterError::Apply {
+            object: format!("CustomResourceDefinition {name}"),
+            reason: e.to_string(),
+        })?;
+        let established = crd
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        if established {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClusterError::Apply {
+                object: format!("CustomResourceDefinition {name}"),
+                reason: format!("not Established within {} s", ESTABLISHED_WITHIN.as_secs()),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Creates namespace `ns` if it does not exist (manifests may name their own).
@@ -239,6 +294,12 @@ pub fn summary(server: &ApiServer) -> String {
                 })
                 .count();
         }
+        if let Some(url) = server.delegate_url() {
+            return format!(
+                "pods {} ({} ready)  custom resources on {url}",
+                pods.0, pods.1
+            );
+        }
         format!(
             "families {}  sites {}  replicas {}  schema packages {}  pods {} ({} ready)",
             count("multisite.dev", "replicafamilies"),
@@ -264,6 +325,9 @@ pub struct UpOptions {
     pub first_pod_address: std::net::Ipv4Addr,
     /// Append one JSON line per API request to this file.
     pub audit_log: Option<PathBuf>,
+    /// Delegate mode: the API server (plain HTTP URL) that serves the CRDs, our custom
+    /// resources, Leases and Events (see [`apiserver::delegate`]).
+    pub delegate: Option<String>,
 }
 
 impl UpOptions {
@@ -274,6 +338,7 @@ impl UpOptions {
             operator: true,
             first_pod_address: std::net::Ipv4Addr::new(127, 1, 0, 1),
             audit_log: None,
+            delegate: None,
         }
     }
 }
@@ -304,6 +369,9 @@ pub async fn up(
             .audit_to(path)
             .map_err(|e| file_error(path, format!("cannot write the audit log: {e}")))?;
     }
+    if let Some(url) = &options.delegate {
+        server.delegate_to(url).map_err(ClusterError::ApiServer)?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ClusterError::ApiServer(format!("cannot listen on {listen}: {e}")))?;
@@ -328,6 +396,12 @@ pub async fn up(
     ));
     report(&format!("API server on {url}"));
     report(&format!("kubeconfig: {}", state.kubeconfig().display()));
+    if let Some(url) = server.delegate_url() {
+        report(&format!(
+            "delegating {} to {url}",
+            apiserver::delegate::DELEGATED_GROUPS.join(", ")
+        ));
+    }
 
     let uri: hyper::Uri = url
         .parse()

@@ -285,6 +285,9 @@ pub struct Store {
     pub(super) event_window: usize,
     /// Every event after this version is kept; older ones were dropped ("compacted").
     pub(super) compacted: u64,
+    /// API groups whose objects live on another server (delegate mode): an owner of such
+    /// a group is never looked for here, so its dependents are not collected.
+    pub(super) foreign_owner_groups: Vec<String>,
 }
 
 impl Default for Store {
@@ -588,7 +591,29 @@ impl Store {
             events: VecDeque::new(),
             event_window,
             compacted: 0,
+            foreign_owner_groups: Vec::new(),
         }
+    }
+
+    /// Owners whose `apiVersion` is of one of `groups` live elsewhere: the garbage
+    /// collector keeps every object that has such an owner.
+    pub fn set_foreign_owner_groups(&mut self, groups: &[&str]) {
+        self.foreign_owner_groups = groups.iter().map(|g| g.to_string()).collect();
+    }
+
+    /// Whether `object` has an owner of a group served elsewhere.
+    fn owned_from_elsewhere(&self, object: &Value) -> bool {
+        if self.foreign_owner_groups.is_empty() {
+            return false;
+        }
+        metadata_of(object)
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("apiVersion").and_then(Value::as_str))
+            .filter_map(|api_version| api_version.split_once('/').map(|(group, _)| group))
+            .any(|group| self.foreign_owner_groups.iter().any(|g| g == group))
     }
 
     /// Serves `resource` (again, with new facts, if it already was).
@@ -1085,7 +1110,8 @@ impl Store {
 
     /// Deletes, as a normal delete (finalizers still hold), every object whose owner
     /// references all name uids that no longer exist, until no such object is left; returns
-    /// what it deleted or started deleting.
+    /// what it deleted or started deleting. An object with an owner of a group served
+    /// elsewhere ([`Store::set_foreign_owner_groups`]) is kept.
     pub fn collect_garbage(&mut self, now: Timestamp) -> Vec<Collected> {
         let mut collected = Vec::new();
         loop {
@@ -1101,7 +1127,8 @@ impl Store {
                     let owners = owner_uids(object);
                     let orphaned = !owners.is_empty()
                         && owners.iter().all(|uid| !live.contains(*uid))
-                        && meta_text(object, "deletionTimestamp").is_empty();
+                        && meta_text(object, "deletionTimestamp").is_empty()
+                        && !self.owned_from_elsewhere(object);
                     if orphaned {
                         orphans.push((
                             resource.clone(),
