@@ -43,6 +43,10 @@
 //!   `scale` for CRDs, no `pods/log`, `exec`, `eviction`), no
 //!   `/openapi/v2`, no legacy `/api/v1/watch/...` paths.
 //!
+//! [`ApiServer::delegate_to`] turns on delegate mode (see [`delegate`]): the CRD,
+//! `multisite.dev`, Lease and Event groups are forwarded to another API server, core/v1
+//! and apps/v1 stay here, and discovery merges both.
+//!
 //! [`ApiServer::audit_to`] appends one JSON line per request to a file (see [`audit`]):
 //! the RBAC verb and resource each client asked for, so tests can check a role against
 //! what a client really calls. The real server's audit policy, stages and event format
