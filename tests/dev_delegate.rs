@@ -10,6 +10,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -161,6 +162,19 @@ async fn fake(seen: Seen, method: Method, uri: Uri, headers: HeaderMap, body: By
                     _ => None,
                 }
             });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(events))
+                .unwrap()
+        }
+        ("GET", "/apis/multisite.dev/v1alpha1/replicas") if query.contains("watch=true") => {
+            // One event, then nothing, for ever.
+            let first = Bytes::from(format!(
+                "{}\n",
+                json!({"type": "ADDED", "object": replica("only")})
+            ));
+            let events = futures::stream::iter([Ok::<_, std::io::Error>(first)])
+                .chain(futures::stream::pending());
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Body::from_stream(events))
@@ -384,6 +398,43 @@ async fn watch_events_stream_through_as_they_come() {
         "the second event came too early: {:?}",
         received[1].0
     );
+}
+
+#[tokio::test]
+async fn a_forwarded_watch_ends_when_the_server_shuts_down() {
+    let (delegate, _seen) = start_fake().await;
+    let server = ApiServer::new(None).unwrap();
+    server.delegate_to(&delegate).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(apiserver::serve_until(listener, server, async move {
+        let _ = stopped.await;
+    }));
+    let request = Request::builder()
+        .uri(format!(
+            "{url}/apis/multisite.dev/v1alpha1/replicas?watch=true"
+        ))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut body = http().request(request).await.unwrap().into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first event")
+        .expect("a frame")
+        .unwrap();
+    assert!(first.into_data().is_ok());
+    stop.send(()).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the forwarded watch outlived the server");
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("the server stops with a forwarded watch open")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

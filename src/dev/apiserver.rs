@@ -553,7 +553,10 @@ async fn respond(
             ["apis", group, ..] | ["openapi", "v3", "apis", group, ..]
                 if delegate::delegated(group) =>
             {
-                return delegate.forward(method, &uri, &headers, body).await;
+                let closing = server.shared.closing.subscribe();
+                return delegate
+                    .forward(method, &uri, &headers, body, closing)
+                    .await;
             }
             ["apis"] if get && aggregated => {
                 let local = server.read(|s| discovery::aggregated(s, false));

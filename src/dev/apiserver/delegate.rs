@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// The API groups a delegate serves.
 pub const DELEGATED_GROUPS: &[&str] = &[
@@ -118,13 +119,16 @@ impl Delegate {
             .map_err(|e| format!("cannot address {path} there: {e}"))
     }
 
-    /// Sends the request to the delegate and gives back its answer, the body streamed.
+    /// Sends the request to the delegate and gives back its answer, the body streamed
+    /// until it ends or `closing` turns true (the server shuts down: a forwarded watch
+    /// must not hold it open).
     pub async fn forward(
         &self,
         method: Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: Bytes,
+        closing: watch::Receiver<bool>,
     ) -> Response {
         let target = match self.target(uri) {
             Ok(target) => target,
@@ -141,7 +145,7 @@ impl Delegate {
         match self.client.request(request).await {
             Ok(answer) => {
                 let (parts, incoming) = answer.into_parts();
-                let mut response = Response::new(Body::new(incoming));
+                let mut response = Response::new(streamed(incoming, closing));
                 *response.status_mut() = parts.status;
                 for (name, value) in &parts.headers {
                     if end_to_end(name) {
@@ -193,6 +197,31 @@ impl Delegate {
             ))),
         }
     }
+}
+
+/// The delegate's answer body, chunk by chunk as it arrives, ending early when `closing`
+/// turns true.
+fn streamed(incoming: hyper::body::Incoming, closing: watch::Receiver<bool>) -> Body {
+    let chunks = futures::stream::unfold(Some((incoming, closing)), |state| async move {
+        let (mut incoming, mut closing) = state?;
+        loop {
+            // None: the server closes; Some(None): the answer is complete.
+            let next = tokio::select! {
+                frame = incoming.frame() => Some(frame),
+                _ = closing.wait_for(|closed| *closed) => None,
+            };
+            match next?? {
+                Err(error) => return Some((Err(error), None)),
+                Ok(frame) => {
+                    // Trailers are not passed on.
+                    if let Ok(data) = frame.into_data() {
+                        return Some((Ok(data), Some((incoming, closing))));
+                    }
+                }
+            }
+        }
+    });
+    Body::from_stream(chunks)
 }
 
 /// The error and its causes on one line (hyper's own text is only "client error").
