@@ -757,3 +757,24 @@ fn dev_up_against_the_real_api_server() {
     drop(dev);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_delegate_without_aggregated_discovery_gets_the_legacy_list() {
+    // This delegate answers the legacy list whatever the client accepts.
+    let router = Router::new().fallback(|| async {
+        json_answer(StatusCode::OK, "application/json", fake_legacy_discovery())
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let delegate = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let (url, _server) = start_embedded(&delegate).await;
+    let answer = call("GET", &format!("{url}/apis"), Some(AGGREGATED), "").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // So the client falls back to the legacy documents, as with such a real server.
+    assert_eq!(answer.content_type(), "application/json");
+    let list = answer.json();
+    assert_eq!(list["kind"], "APIGroupList");
+    let groups = names_of(&list, "groups", |g| &g["name"]);
+    assert!(groups.iter().any(|g| g == "apps"), "{groups:?}");
+    assert!(groups.iter().any(|g| g == "multisite.dev"), "{groups:?}");
+}
