@@ -40,4 +40,6 @@ cargo test --all-targets --quiet
 if [[ -n "${MULTISITE_APISERVER_STATE:-}" ]]; then
   echo "== CRD conformance against the real API server (the table)"
   cargo test --quiet --test conformance -- --nocapture --test-threads=1
+  echo "== e2e scenarios in delegate mode: our custom resources, Leases and Events on the real API server"
+  MULTISITE_E2E_DELEGATE_STATE="$MULTISITE_APISERVER_STATE" cargo test --test e2e
 fi

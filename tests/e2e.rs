@@ -166,8 +166,13 @@ impl Env {
             rt,
             kube,
             kubeconfig,
-            // A namespace per scenario: scenarios may share a delegate API server.
-            namespace: format!("e2e-{name}"),
+            // A namespace per scenario (and per run, with a delegate API server, which
+            // keeps its objects across runs): scenarios may share a delegate.
+            namespace: if delegate_args().is_empty() {
+                format!("e2e-{name}")
+            } else {
+                format!("e2e-{name}-{}", std::process::id())
+            },
             mode: Mode::Embedded {
                 _dev: dev,
                 operator: None,

@@ -59,6 +59,8 @@ pub struct Ctx {
     /// so that a reconcile working from a cache that lags its own status write does
     /// not announce a transition twice.
     announced: Mutex<HashMap<(FamilyKey, String), bool>>,
+    /// The plan status this process last wrote for each family.
+    plans: Mutex<HashMap<FamilyKey, crate::api::PlanStatus>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +91,7 @@ impl Ctx {
             tokens: Mutex::default(),
             secrets: Mutex::default(),
             announced: Mutex::default(),
+            plans: Mutex::default(),
         }
     }
 
@@ -149,6 +152,14 @@ impl Ctx {
     /// before (`None` the first time).
     pub fn announce(&self, family: &FamilyKey, condition: &str, value: bool) -> Option<bool> {
         locked(&self.announced).insert((family.clone(), condition.to_string()), value)
+    }
+
+    pub fn remember_plan(&self, family: FamilyKey, plan: crate::api::PlanStatus) {
+        locked(&self.plans).insert(family, plan);
+    }
+
+    pub fn last_plan(&self, family: &FamilyKey) -> Option<crate::api::PlanStatus> {
+        locked(&self.plans).get(family).cloned()
     }
 
     pub fn ask(&self, request: ManualRequest) {

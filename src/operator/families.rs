@@ -340,10 +340,14 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     super::clients::prune(ctx, family).await?;
     let clients = super::clients::observe(ctx, family).await?;
     let mut observed_family = family.clone();
-    observed_family
-        .status
-        .get_or_insert_with(Default::default)
-        .clients = clients.clone();
+    let observed_status = observed_family.status.get_or_insert_with(Default::default);
+    observed_status.clients = clients.clone();
+    // The plan this process wrote last: the cache may not have caught up with it, and a
+    // step missing from the history would be lost from status.
+    let plan_key = (namespace.clone(), name.clone());
+    if let Some(plan) = ctx.last_plan(&plan_key) {
+        observed_status.plan = Some(plan);
+    }
     let drive = super::upgrade::drive(ctx, &ctx.compat, &observed_family, &members).await?;
     let mut plan = drive.status;
     let mut waiting = drive.waiting;
@@ -359,6 +363,7 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
             published.plan = Some(plan.clone());
             apply_status(&api, &name, &owned_status(&published)).await?;
         }
+        ctx.remember_plan(plan_key.clone(), plan.clone());
         waiting = super::upgrade::execute(ctx, &observed_family, &members, step, &mut plan).await?;
     }
     let key = (namespace.clone(), name.clone());
@@ -406,6 +411,9 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     ours.plan = Some(plan);
     if ours != old {
         apply_status(&api, &name, &owned_status(&ours)).await?;
+    }
+    if let Some(plan) = &ours.plan {
+        ctx.remember_plan(plan_key, plan.clone());
     }
     Ok(Action::requeue(Duration::from_secs(2)))
 }
