@@ -404,3 +404,82 @@ async fn every_crd_and_example_is_accepted_by_the_real_server() {
     assert!(checked >= 10, "only {checked} example objects found");
     eprintln!("{checked} example objects accepted by the real server");
 }
+
+async fn get_json(client: &kube::Client, path: &str) -> Value {
+    let request = hyper::http::Request::get(path)
+        .body(Vec::new())
+        .expect("a request");
+    let text = client
+        .request_text(request)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Discovery details clients may read: the stand-in answers as the real server does.
+#[tokio::test]
+async fn discovery_and_openapi_index_match_the_real_server() {
+    let Some(url) = real_server() else {
+        eprintln!("SKIPPED: MULTISITE_APISERVER_STATE is not set");
+        return;
+    };
+    let real = client(&url);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stand_in_url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(apiserver::serve(
+        listener,
+        ApiServer::new(None).expect("a stand-in"),
+    ));
+    let stand_in = client(&stand_in_url);
+    install_crds(&real).await;
+    install_crds(&stand_in).await;
+    // storageVersionHash of our resources.
+    let hashes = |list: &Value| -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = list["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| !r["name"].as_str().unwrap_or("/").contains('/'))
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap_or_default().to_string(),
+                    r["storageVersionHash"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let path = "/apis/multisite.dev/v1alpha1";
+    let from_real = hashes(&get_json(&real, path).await);
+    assert_eq!(from_real.len(), 4, "{from_real:?}");
+    assert_eq!(hashes(&get_json(&stand_in, path).await), from_real);
+    // The OpenAPI v3 index: group/version documents, group documents of built-in groups
+    // only, and /version.
+    let index = |v: &Value| -> BTreeSet<String> {
+        v["paths"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let real_index = index(&get_json(&real, "/openapi/v3").await);
+    let stand_in_index = index(&get_json(&stand_in, "/openapi/v3").await);
+    for path in [
+        "apis/multisite.dev/v1alpha1",
+        "apis/multisite.dev",
+        "apis/apiextensions.k8s.io",
+        "apis/apiextensions.k8s.io/v1",
+        "version",
+    ] {
+        assert_eq!(
+            real_index.contains(path),
+            stand_in_index.contains(path),
+            "/openapi/v3 lists {path}: real {real_index:?}, stand-in {stand_in_index:?}"
+        );
+    }
+}

@@ -623,6 +623,10 @@ async fn respond(
             found(server.read(|s| discovery::resource_list(s, group, version)))
         }
         ["openapi", "v3"] if get => ok(&server.read(openapi_index)),
+        ["openapi", "v3", "version"] if get => ok(&openapi_version_document()),
+        ["openapi", "v3", "apis", group] if get => {
+            found(server.read(|s| openapi_group_document(s, group)))
+        }
         ["openapi", "v3", "apis", group, version] if get => {
             found(server.read(|s| openapi_document(s, group, version)))
         }
@@ -651,22 +655,61 @@ fn found(body: Option<Value>) -> Response {
 
 fn openapi_index(store: &Store) -> Value {
     let mut paths = serde_json::Map::new();
-    let mut seen = Vec::new();
     for (key, _) in store.resources() {
-        let path = if key.group.is_empty() {
+        let mut own = vec![if key.group.is_empty() {
             format!("api/{}", key.version)
         } else {
             format!("apis/{}/{}", key.group, key.version)
-        };
-        if !seen.contains(&path) {
-            paths.insert(
-                path.clone(),
-                json!({"serverRelativeURL": format!("/openapi/v3/{path}")}),
-            );
-            seen.push(path);
+        }];
+        // As the real server: a document per built-in group too (its discovery path);
+        // groups that CRDs define have none.
+        if !key.group.is_empty() && crd::crd_for(store, key).is_none() {
+            own.push(format!("apis/{}", key.group));
+        }
+        for path in own {
+            paths
+                .entry(path.clone())
+                .or_insert_with(|| json!({"serverRelativeURL": format!("/openapi/v3/{path}")}));
         }
     }
+    paths.insert(
+        "version".into(),
+        json!({"serverRelativeURL": "/openapi/v3/version"}),
+    );
     json!({"paths": paths})
+}
+
+/// The OpenAPI v3 document of `/version/`.
+fn openapi_version_document() -> Value {
+    json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": GIT_VERSION},
+        "paths": {"/version/": {"get": {
+            "description": "get the version information for this server",
+            "operationId": "getCodeVersion",
+            "responses": {"200": {"description": "OK"}}
+        }}}
+    })
+}
+
+/// The OpenAPI v3 document of a built-in group: its discovery path.
+fn openapi_group_document(store: &Store, group: &str) -> Option<Value> {
+    let built_in = store
+        .resources()
+        .into_iter()
+        .any(|(key, _)| key.group == group && crd::crd_for(store, key).is_none());
+    if !built_in {
+        return None;
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": GIT_VERSION},
+        "paths": {format!("/apis/{group}/"): {"get": {
+            "description": "get information of a group",
+            "operationId": "getAPIGroup",
+            "responses": {"200": {"description": "OK"}}
+        }}}
+    }))
 }
 
 /// The OpenAPI v3 document of a group/version: a path per resource whose PATCH operation

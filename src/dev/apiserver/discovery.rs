@@ -310,6 +310,20 @@ pub fn group(store: &Store, group: &str) -> Option<Value> {
     Some(answer)
 }
 
+/// What the real server puts in `storageVersionHash`: the first 8 bytes of the SHA-256
+/// of `group/version/kind` of the storage version (here the version served), in base64.
+pub fn storage_version_hash(group: &str, version: &str, kind: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{group}/{version}/{kind}").as_bytes(),
+    );
+    let bytes = digest.as_ref()[..8].to_vec();
+    serde_json::to_value(k8s_openapi::ByteString(bytes))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// The APIResourceList of one group/version, or `None` when it serves nothing.
 pub fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value> {
     let names = names(store);
@@ -325,6 +339,7 @@ pub fn resource_list(store: &Store, group: &str, version: &str) -> Option<Value>
             "namespaced": info.namespaced,
             "kind": info.kind,
             "verbs": VERBS,
+            "storageVersionHash": storage_version_hash(group, version, &info.kind),
         });
         if !extra.short_names.is_empty() {
             entry["shortNames"] = json!(extra.short_names);
