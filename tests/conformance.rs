@@ -72,6 +72,22 @@ async fn install_crds(client: &kube::Client) {
     }
 }
 
+/// Clients of the real server at `url` and of a fresh embedded one, our CRDs on both.
+async fn both_servers(url: &str) -> (kube::Client, kube::Client) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stand_in_url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(apiserver::serve(
+        listener,
+        ApiServer::new(None).expect("a stand-in"),
+    ));
+    let (real, stand_in) = (client(url), client(&stand_in_url));
+    install_crds(&real).await;
+    install_crds(&stand_in).await;
+    (real, stand_in)
+}
+
 fn api_for(client: &kube::Client, kind: &str, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(multisite::api::GROUP, multisite::api::VERSION, kind);
     let plural = match kind {
@@ -285,18 +301,7 @@ async fn the_stand_in_gives_the_real_servers_verdicts() {
         );
         return;
     };
-    let real = client(&url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let stand_in_url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(apiserver::serve(
-        listener,
-        ApiServer::new(None).expect("a stand-in"),
-    ));
-    let stand_in = client(&stand_in_url);
-    install_crds(&real).await;
-    install_crds(&stand_in).await;
+    let (real, stand_in) = both_servers(&url).await;
     // A namespace of its own on the real server (which has no Namespace objects).
     let namespace = format!("conformance-{}", std::process::id());
     let mut differences = Vec::new();
@@ -423,18 +428,7 @@ async fn discovery_and_openapi_index_match_the_real_server() {
         eprintln!("SKIPPED: MULTISITE_APISERVER_STATE is not set");
         return;
     };
-    let real = client(&url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let stand_in_url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(apiserver::serve(
-        listener,
-        ApiServer::new(None).expect("a stand-in"),
-    ));
-    let stand_in = client(&stand_in_url);
-    install_crds(&real).await;
-    install_crds(&stand_in).await;
+    let (real, stand_in) = both_servers(&url).await;
     // storageVersionHash of our resources.
     let hashes = |list: &Value| -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = list["resources"]

@@ -405,19 +405,32 @@ impl Env {
         );
     }
 
+    /// Key `key` of Secret `name` in the scenario's namespace, once the Secret exists.
+    fn secret_value(&self, name: &str, key: &str) -> Vec<u8> {
+        let secrets: Api<Secret> = Api::namespaced(self.kube.clone(), &self.namespace);
+        let secret = self.wait(&format!("Secret {name} exists"), || {
+            self.rt.block_on(secrets.get_opt(name)).ok().flatten()
+        });
+        secret
+            .data
+            .and_then(|d| d.get(key).map(|b| b.0.clone()))
+            .unwrap_or_else(|| panic!("Secret {name} has no key {key}"))
+    }
+
+    /// The address of a pod `selector` selects, once one has it.
+    fn pod_address(&self, what: &str, selector: &str) -> String {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.kube.clone(), &self.namespace);
+        let params = kube::api::ListParams::default().labels(selector);
+        self.wait(&format!("{what} has an address"), || {
+            let list = self.rt.block_on(pods.list(&params)).ok()?;
+            list.items.into_iter().find_map(|p| p.status?.pod_ip)
+        })
+    }
+
     /// The family's API client (its token from the family Secret, the newest release).
     fn client(&self, family: &str) -> ReplicaClient {
-        let secrets: Api<Secret> = Api::namespaced(self.kube.clone(), &self.namespace);
-        let secret = self.wait("the family secret exists", || {
-            self.rt
-                .block_on(secrets.get_opt(&format!("{family}-secret")))
-                .ok()
-                .flatten()
-        });
-        let bytes = secret
-            .data
-            .and_then(|d| d.get("secret").map(|b| b.0.clone()))
-            .expect("key secret");
+        let bytes = self.secret_value(&format!("{family}-secret"), "secret");
         let secret = multisite::replica::secret::from_bytes(&bytes).expect("a usable secret");
         let compat = multisite::domain::compat::Compatibility::builtin();
         ReplicaClient::new(
@@ -570,17 +583,7 @@ impl Env {
         let Mode::Embedded { metrics, .. } = &self.mode else {
             return None;
         };
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", *metrics)).ok()?;
-        use std::io::{Read, Write};
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).ok()?;
-        Some(body)
+        scrape(*metrics)
     }
 
     /// Kills replica `name`'s server process (embedded) or its pod (elsewhere) at once.
@@ -1134,19 +1137,6 @@ fn two_operators_only_the_leader_acts() {
             .spawn()
             .expect("start the standby operator"),
     );
-    let scrape = |port: u16| -> Option<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).ok()?;
-        Some(body)
-    };
     env.wait("the standby serves its metrics as a non-leader", || {
         scrape(standby_metrics)
             .filter(|m| m.contains("multisite_leader 0"))
@@ -1403,20 +1393,10 @@ fn an_old_client_tier_blocks_the_raise_until_it_is_upgraded() {
 
     // The tier's page, fetched through its pod, marks paris's record as locked here.
     if env.embedded() {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> =
-            Api::namespaced(env.kube.clone(), &env.namespace);
-        let ip = env.wait("the web tier's pod has an address", || {
-            let list = env
-                .rt
-                .block_on(
-                    pods.list(
-                        &kube::api::ListParams::default()
-                            .labels("app.kubernetes.io/name=multisite-client"),
-                    ),
-                )
-                .ok()?;
-            list.items.into_iter().find_map(|p| p.status?.pod_ip)
-        });
+        let ip = env.pod_address(
+            "the web tier's pod",
+            "app.kubernetes.io/name=multisite-client",
+        );
         let page = http_get(&format!("{ip}:8080"), "/");
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         let row = page
@@ -1466,13 +1446,8 @@ fn an_old_client_tier_blocks_the_raise_until_it_is_upgraded() {
         let Mode::Embedded { dir, .. } = &env.mode else {
             unreachable!()
         };
-        let secrets: Api<Secret> = Api::namespaced(env.kube.clone(), &env.namespace);
-        let secret = env
-            .rt
-            .block_on(secrets.get("sampl-secret"))
-            .expect("secret");
         let secret_file = dir.join("client.secret");
-        std::fs::write(&secret_file, &secret.data.expect("data")["secret"].0)
+        std::fs::write(&secret_file, env.secret_value("sampl-secret", "secret"))
             .expect("write the secret");
         let port = free_port();
         let _old = Proc(
@@ -1597,6 +1572,12 @@ fn a_paused_plan_holds_and_a_restarted_operator_resumes_it() {
         );
         assert!(seen.insert(key.clone()), "step done twice: {key}");
     }
+}
+
+/// An operator's `/metrics` on 127.0.0.1:`port`, if it answers.
+fn scrape(port: u16) -> Option<String> {
+    let answer = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    (!answer.is_empty()).then_some(answer)
 }
 
 /// A GET over plain HTTP/1.1; the whole answer, or "" when nobody answers.
@@ -1784,30 +1765,11 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
 
     // Updates from outside: one to a record mastered at the gateway's replica, one to a
     // record mastered at paris.
-    let secrets: Api<Secret> = Api::namespaced(env.kube.clone(), &env.namespace);
-    let token = env
-        .rt
-        .block_on(secrets.get("sampl-gateway"))
-        .expect("gateway token")
-        .data
-        .expect("data")["token"]
-        .0
-        .clone();
-    let token = String::from_utf8(token).expect("utf-8");
-    let pods: Api<k8s_openapi::api::core::v1::Pod> =
-        Api::namespaced(env.kube.clone(), &env.namespace);
-    let ip = env.wait("the gateway pod has an address", || {
-        let list = env
-            .rt
-            .block_on(
-                pods.list(
-                    &kube::api::ListParams::default()
-                        .labels("app.kubernetes.io/instance=sampl-gateway"),
-                ),
-            )
-            .ok()?;
-        list.items.into_iter().find_map(|p| p.status?.pod_ip)
-    });
+    let token = String::from_utf8(env.secret_value("sampl-gateway", "token")).expect("utf-8");
+    let ip = env.pod_address(
+        "the gateway pod",
+        "app.kubernetes.io/instance=sampl-gateway",
+    );
     let gateway = ReplicaClient::new(token, None);
     let url = format!("http://{ip}:8080");
     let at_tokyo = created[0].clone();

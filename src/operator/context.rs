@@ -124,6 +124,14 @@ impl Ctx {
         members
     }
 
+    /// Where replica `name` (one of `members`) serves its API, as its status says.
+    pub fn endpoint_of(members: &[Arc<Replica>], name: &str) -> Option<String> {
+        members
+            .iter()
+            .find(|r| r.name_any() == name)
+            .and_then(|r| r.status.as_ref()?.endpoint.clone())
+    }
+
     pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
         locked(&self.links).insert(key, links);
     }

@@ -29,12 +29,7 @@ async fn remaster(
 ) -> Result<usize, OperatorError> {
     let namespace = family.namespace().unwrap_or_default();
     let members = ctx.members(&namespace, &family.name_any());
-    let endpoint = |n: &str| {
-        members
-            .iter()
-            .find(|r| r.name_any() == n)
-            .and_then(|r| r.status.as_ref()?.endpoint.clone())
-    };
+    let endpoint = |n: &str| Ctx::endpoint_of(&members, n);
     let Some(to_url) = endpoint(to) else {
         return Ok(0);
     };
@@ -125,12 +120,7 @@ async fn move_pin(
         .await;
     }
     let members = ctx.members(&namespace, &family.name_any());
-    let endpoint = |n: &str| {
-        members
-            .iter()
-            .find(|r| r.name_any() == n)
-            .and_then(|r| r.status.as_ref()?.endpoint.clone())
-    };
+    let endpoint = |n: &str| Ctx::endpoint_of(&members, n);
     let (Some(from_url), Some(to_url)) = (endpoint(from), endpoint(to)) else {
         return Ok(Some(format!("{moving}: both must be serving")));
     };

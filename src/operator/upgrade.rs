@@ -300,10 +300,7 @@ pub async fn execute(
                 }
                 _ => serde_json::json!({"userDatabase": feature_level}),
             };
-            let url = members
-                .iter()
-                .find(|r| r.name_any() == *replica)
-                .and_then(|r| r.status.as_ref()?.endpoint.clone());
+            let url = Ctx::endpoint_of(members, replica);
             match url {
                 None => Some(format!("replica {replica} has no address yet")),
                 Some(url) => {
