@@ -11,7 +11,19 @@ struct Dev {
 }
 
 impl Drop for Dev {
+    /// SIGTERM first, so that `dev up` stops its pods' processes too.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -25,17 +37,17 @@ fn multisite(args: &[&str]) -> Output {
         .expect("run multisite")
 }
 
-/// Starts `dev up` and waits until its kubeconfig is written and the manifests applied.
+/// Starts `dev up` without its operator and waits until its kubeconfig is written and
+/// the manifests applied.
 fn up(dir: &Path, manifests: &[&str]) -> Dev {
-    let _ = std::fs::remove_file(dir.join("kubeconfig"));
     // The API server and kubectl are under test here; the operator has tests/e2e.rs.
-    let mut args = vec![
-        "dev",
-        "up",
-        "--no-operator",
-        "--dir",
-        dir.to_str().expect("UTF-8"),
-    ];
+    up_with(dir, manifests, &["--no-operator"])
+}
+
+fn up_with(dir: &Path, manifests: &[&str], extra: &[&str]) -> Dev {
+    let _ = std::fs::remove_file(dir.join("kubeconfig"));
+    let mut args = vec!["dev", "up", "--dir", dir.to_str().expect("UTF-8")];
+    args.extend(extra);
     for m in manifests {
         args.extend(["-f", m]);
     }
@@ -215,5 +227,57 @@ fn dev_up_serves_the_fleet_to_kubectl_and_keeps_it_across_a_restart() {
     );
     let down = multisite(&["dev", "down", "--dir", dir.to_str().expect("UTF-8")]);
     assert!(down.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What README's run command does: `dev up -f examples/fleet.yaml` with the operator in
+/// the same process brings the example fleet up, and `dev down` stops it with its pods.
+#[test]
+fn dev_up_runs_the_operator_that_brings_the_example_fleet_up() {
+    if !Path::new(KUBECTL).exists() {
+        eprintln!("SKIPPED: {KUBECTL} is not installed");
+        return;
+    }
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("multisite-dev-operator-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _dev = up_with(
+        &dir,
+        &["examples/fleet.yaml"],
+        &["--first-pod-address", "127.93.0.1"],
+    );
+    let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+    wait_for(
+        &dir,
+        &["get", "rf", "sampl", "-n", "tracker", "-o", ready],
+        "True",
+    );
+    let phases = kubectl(
+        &dir,
+        &[
+            "get",
+            "replicas",
+            "-n",
+            "tracker",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ],
+    );
+    assert_eq!(text(&phases.stdout), "Active Active Active");
+    let down = multisite(&["dev", "down", "--dir", dir.to_str().expect("UTF-8")]);
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    // Its pods' processes went with it.
+    let left = std::fs::read_dir(dir.join("workloads/run"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let alive = Command::new("pgrep")
+        .args(["-f", &format!("{}/workloads", dir.display())])
+        .output()
+        .map(|o| text(&o.stdout))
+        .unwrap_or_default();
+    assert!(
+        alive.trim().is_empty(),
+        "pod processes left running ({left} pid files): {alive}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
