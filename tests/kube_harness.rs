@@ -994,3 +994,201 @@ spec:
     assert_eq!(sts["status"]["replicas"], 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node agent's HTTPS endpoint as far as `kubectl logs` needs one: `openssl s_server
+/// -WWW` with the node's serving certificate, serving files of a directory, and
+/// demanding a client certificate signed by the harness's CA (the API server's
+/// kubelet client certificate). Killed when dropped.
+struct NodeAgentStandIn {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl NodeAgentStandIn {
+    fn start(state: &Path, node: &str, files: &[(&str, &str)]) -> NodeAgentStandIn {
+        let dir = std::env::temp_dir().join(unique("kh-agent"));
+        for (path, content) in files {
+            let file = dir.join(path);
+            std::fs::create_dir_all(file.parent().expect("a parent")).expect("mkdir");
+            std::fs::write(&file, content).expect("write");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let creds = state.join("nodes").join(node);
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(creds.join("serving.crt"))
+            .arg("-key")
+            .arg(creds.join("serving.key"))
+            .args(["-Verify", "1", "-verify_return_error", "-CAfile"])
+            .arg(state.join("pki/ca.crt"))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let agent = NodeAgentStandIn { child, dir, port };
+        eventually("the node agent stand-in listens", ACT_LIMIT, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        agent
+    }
+}
+
+impl Drop for NodeAgentStandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+async fn kubectl_logs_reaches_the_node_agent_over_https() {
+    let state = state();
+    let ns = Namespace::new(&state, "kh-logs");
+    let node = unique("kh-logs");
+    let nodes = Nodes {
+        state: state.clone(),
+        names: vec![node.clone()],
+    };
+    let kubeconfig = node_credentials(&state, &node);
+    let lines = "first line from the node agent\nsecond line\n";
+    let agent = NodeAgentStandIn::start(
+        &state,
+        &node,
+        &[(&format!("containerLogs/{}/talker/main", ns.name), lines)],
+    );
+
+    // The node registers with the port its agent listens on and 127.0.0.1 as its
+    // InternalIP, the address type the API server prefers.
+    let mut object = serde_json::to_value(node_object(&node, "zone-logs")).expect("JSON");
+    object["status"]["daemonEndpoints"] = json!({"kubeletEndpoint": {"Port": agent.port}});
+    let api: Api<Node> = Api::all(client_from(&kubeconfig).await);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(object).expect("a Node"),
+    )
+    .await
+    .expect("the node registers itself");
+
+    ns.wait_default_service_account();
+    let admin = client_from(&state.join("kubeconfig")).await;
+    let pods: Api<Pod> = Api::namespaced(admin, &ns.name);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "talker"},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "main", "image": "registry.invalid/none:1"}],
+        },
+    }))
+    .expect("a Pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+
+    let logs = kubectl(&state, &["logs", "talker", "-n", &ns.name]);
+    assert_eq!(logs, lines, "the container's log, read from the node agent");
+    drop(agent);
+    drop(nodes);
+}
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn the_controller_manager_signs_an_approved_csr_with_the_ca() {
+    let state = state();
+    let name = unique("kh-csr");
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let openssl = |args: &[&str]| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args).current_dir(&dir);
+        let out = run_bounded(cmd, KUBECTL_LIMIT);
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "key.pem",
+    ]);
+    let user = format!("/CN={name}/O=kh-testers");
+    openssl(&[
+        "req", "-new", "-key", "key.pem", "-subj", &user, "-out", "req.pem",
+    ]);
+    let request = std::fs::read(dir.join("req.pem")).expect("req.pem");
+    let csr = json!({
+        "apiVersion": "certificates.k8s.io/v1",
+        "kind": "CertificateSigningRequest",
+        "metadata": {"name": name},
+        "spec": {
+            "request": base64_encode(&request),
+            "signerName": "kubernetes.io/kube-apiserver-client",
+            "expirationSeconds": 3600,
+            "usages": ["client auth"],
+        },
+    });
+    let file = dir.join("csr.json");
+    std::fs::write(&file, csr.to_string()).expect("write");
+    kubectl(
+        &state,
+        &["create", "-f", file.to_str().expect("a UTF-8 path")],
+    );
+    kubectl(&state, &["certificate", "approve", &name]);
+    let issued = eventually("the signer issues the certificate", ACT_LIMIT, || {
+        let csr = kubectl_json(&state, &["get", "csr", &name, "-o", "json"]);
+        csr["status"]["certificate"].as_str().map(str::to_string)
+    });
+    let _ = kubectl_as(&state.join("kubeconfig"), &["delete", "csr", &name]);
+    std::fs::write(dir.join("cert.pem"), base64_decode(&issued)).expect("write");
+    let ca = state.join("pki/ca.crt");
+    let verified = openssl(&[
+        "verify",
+        "-CAfile",
+        ca.to_str().expect("a UTF-8 path"),
+        "cert.pem",
+    ]);
+    assert!(verified.contains("cert.pem: OK"), "{verified}");
+    let subject = openssl(&["x509", "-noout", "-subject", "-in", "cert.pem"]);
+    assert!(
+        subject.contains(&name) && subject.contains("kh-testers"),
+        "{subject}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.len();
+        let v = (chunk[0] as u32) << 16
+            | (chunk.get(1).copied().unwrap_or(0) as u32) << 8
+            | chunk.get(2).copied().unwrap_or(0) as u32;
+        for i in 0..4 {
+            if i <= n {
+                out.push(ALPHABET[(v >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -90,7 +90,7 @@ fi
 
 # Times measured on a 2-core machine for a cold build (empty cache); scaled by the
 # number of cores for the estimate.
-cold_download=30 cold_etcd=100 cold_apiserver=410 cold_kcm=110 cold_scheduler=15
+cold_download=10 cold_etcd=80 cold_apiserver=370 cold_kcm=120 cold_scheduler=15
 cores=$(nproc 2>/dev/null || echo 2)
 estimate() { echo $(($1 * 2 / cores)); }
 if ! compgen -G "$cache/builds/*/versions" >/dev/null; then

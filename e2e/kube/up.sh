@@ -82,7 +82,7 @@ bin=$build/bin
 say "binaries: $(kube_elapsed "$t") ($bin)"
 
 # ---------------------------------------------------------------- state, ports
-rm -rf "$state/pki" "$state/nodes" "$state/etcd" "$state/kube-controller-manager" "$state/kube-scheduler"
+rm -rf "$state/pki" "$state/nodes" "$state/etcd" "$state/kube-apiserver" "$state/kube-controller-manager" "$state/kube-scheduler"
 rm -f "$state"/*.pid "$state"/*.log "$state"/*.kubeconfig "$state/kubeconfig" "$state/url" "$state/versions" "$state/ports"
 pki=$state/pki
 mkdir -p "$pki" "$state/nodes"
