@@ -99,7 +99,7 @@ if ! compgen -G "$cache/builds/*/versions" >/dev/null; then
         "(download ~$(estimate $cold_download)s, etcd ~$(estimate $cold_etcd)s, kube-apiserver ~$(estimate $cold_apiserver)s," \
         "kube-controller-manager ~$(estimate $cold_kcm)s, kube-scheduler ~$(estimate $cold_scheduler)s); later runs take seconds"
 else
-    say "building $key (go.mod, go.sum or the recipe changed; the earlier build's Go cache is reused)"
+    say "building $key (go.mod, go.sum, etcd/main.go or the recipe changed; the Go cache of the earlier build is reused)"
 fi
 say "Go $have_go, GOPROXY=$(go env GOPROXY), cache $cache"
 
@@ -137,6 +137,7 @@ build_one() { # NAME PACKAGE [LDFLAGS]
     local t=$EPOCHREALTIME log=$cache/build-$1.log
     if ! go build -trimpath -tags "$tags" -ldflags "-s -w ${3:-}" -o "$tmp/bin/$1" "$2" >"$log" 2>&1; then
         cat "$log" >&2
+        rm -rf "$tmp"
         fail "$1 does not build (go build $2; log in $log)"
     fi
     say "$1: $(kube_elapsed "$t")"

@@ -24,9 +24,5 @@ if [ ! -f "$pki/ca.key" ] || [ ! -f "$state/url" ]; then
     echo "node-credentials: $state is not a state directory of e2e/kube/up.sh (no pki/ca.key or url)" >&2
     exit 1
 fi
-if ! [[ "$2" =~ ^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$ ]]; then
-    echo "node-credentials: $2 is not a valid node name" >&2
-    exit 1
-fi
 kube_node_credentials "$state" "$2" "${3:-127.0.0.1}"
 echo "$state/nodes/$2/kubeconfig"

@@ -72,6 +72,14 @@ EOF
 # NodeRestriction know) and its serving certificate for IP (default 127.0.0.1) and NAME.
 kube_node_credentials() {
     local state=$1 name=$2 ip=${3:-127.0.0.1} dir
+    if ! [[ "$name" =~ ^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$ ]]; then
+        echo "kube: \"$name\" is not a valid node name (lower case letters, digits, '-' and '.')" >&2
+        return 1
+    fi
+    if ! [[ "$ip" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ || "$ip" =~ ^[0-9a-fA-F:]+$ ]]; then
+        echo "kube: \"$ip\" is not an IP address" >&2
+        return 1
+    fi
     dir=$state/nodes/$name
     mkdir -p "$dir"
     kube_cert "node-$name-client" "/O=system:nodes/CN=system:node:$name" client
