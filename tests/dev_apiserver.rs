@@ -574,6 +574,7 @@ async fn watch_lines(url: &str, path: &str) -> Vec<Value> {
         .collect()
 }
 
+/// kubectl, which scripts/test.sh requires (it stops before the tests without it).
 const KUBECTL: &str = "/usr/bin/kubectl";
 
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
@@ -626,12 +627,6 @@ fn repo(path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_applies_crds_and_objects() {
-    if !Path::new(KUBECTL).exists() {
-        eprintln!(
-            "!!!!! SKIPPED: {KUBECTL} is missing, the kubectl fidelity test did not run !!!!!"
-        );
-        return;
-    }
     let url = start().await;
     let dir = temp_dir("kubectl");
     let kubeconfig = dir.join("kubeconfig");
@@ -793,7 +788,7 @@ async fn kubectl_applies_crds_and_objects() {
     assert!(ok && out == "2", "{out}{err}");
     // Typed kubectl subcommands send protobuf bodies: refused as 415, not misread.
     let (ok, _, err) = run(args(&["create", "namespace", "typed"])).await.unwrap();
-    assert!(!ok && err.contains("UnsupportedMediaType"), "{err}");
+    assert!(!ok && err.contains("kubectl apply -f"), "{err}");
     let (ok, out, err) = run(args(&[
         "get",
         "replicafamily",
@@ -1180,5 +1175,243 @@ async fn secrets_keep_string_data_as_data_and_finalizers_patch_like_kubernetes()
     assert_eq!(
         patched.metadata.finalizers,
         Some(vec!["example.com/f".to_string()])
+    );
+}
+
+/// Events written through `events.k8s.io/v1` (kube's event recorder, as the operator
+/// writes them) are core `v1` Events too, as on a real cluster: `kubectl get events`
+/// lists them, `kubectl describe` shows them, and both versions read and watch them.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_of_events_k8s_io_are_core_events_too() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let url = start().await;
+    let client = client(&url);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let map = maps
+        .create(&PostParams::default(), &config_map("settings", json!({})))
+        .await
+        .unwrap();
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        name: map.metadata.name.clone(),
+        namespace: Some("default".into()),
+        uid: map.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "multisite-operator".into(),
+            instance: Some("test".into()),
+        },
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Checked".into(),
+        note: Some("the settings were checked".into()),
+        action: "Check".into(),
+        secondary: None,
+    };
+    // Twice: the second is a patch of the first (a series), as kube's recorder does.
+    recorder.publish(&event, &reference).await.unwrap();
+    recorder.publish(&event, &reference).await.unwrap();
+
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let listed = core.list(&ListParams::default()).await.unwrap();
+    assert_eq!(listed.items.len(), 1, "{:?}", listed.items);
+    let stored = &listed.items[0];
+    assert_eq!(stored.message.as_deref(), Some("the settings were checked"));
+    assert_eq!(stored.involved_object.name.as_deref(), Some("settings"));
+    assert_eq!(stored.involved_object.uid, map.metadata.uid);
+    assert_eq!(
+        stored.reporting_component.as_deref(),
+        Some("multisite-operator")
+    );
+    assert_eq!(stored.type_.as_deref(), Some("Warning"));
+    assert_eq!(stored.series.as_ref().and_then(|s| s.count), Some(2));
+
+    // The events.k8s.io view of the same object, selected by its own field names.
+    let address = url.trim_start_matches("http://").to_string();
+    let answer = raw_request(
+        &address,
+        "GET",
+        "/apis/events.k8s.io/v1/namespaces/default/events?fieldSelector=regarding.name%3Dsettings",
+        "",
+    )
+    .await;
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(body["items"][0]["note"], "the settings were checked");
+    assert_eq!(body["items"][0]["regarding"]["kind"], "ConfigMap");
+    assert!(body["items"][0].get("message").is_none(), "{body}");
+    let other = raw_request(
+        &address,
+        "GET",
+        "/apis/events.k8s.io/v1/namespaces/default/events?fieldSelector=regarding.name%3Dother",
+        "",
+    )
+    .await;
+    assert!(other.contains("\"items\":[]"), "{other}");
+    let watched = watch_lines(
+        &url,
+        "/apis/events.k8s.io/v1/namespaces/default/events?watch=true&timeoutSeconds=1",
+    )
+    .await;
+    assert_eq!(watched[0]["object"]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(watched[0]["object"]["note"], "the settings were checked");
+
+    // What a person types.
+    let dir = temp_dir("events");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, apiserver::kubeconfig(&url)).unwrap();
+    let (ok, out, err) = kubectl(&kubeconfig, &["get", "events", "-n", "default"]);
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap_or_default();
+    for column in ["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"] {
+        assert!(header.contains(column), "{out}");
+    }
+    assert!(
+        out.lines().any(|l| l.contains("Warning")
+            && l.contains("Checked")
+            && l.contains("configmap/settings")
+            && l.contains("the settings were checked")),
+        "{out}"
+    );
+    let (ok, out, err) = kubectl(&kubeconfig, &["describe", "configmap", "settings"]);
+    assert!(ok, "{err}");
+    let events = out.split("Events:").nth(1).unwrap_or_default();
+    assert!(
+        events.contains("Checked") && events.contains("the settings were checked"),
+        "{out}"
+    );
+}
+
+/// Where the pod log test's files are: `<dir>/<pod>_<container>[.previous].log`.
+struct TestLogs(PathBuf);
+
+impl apiserver::logs::LogFiles for TestLogs {
+    fn log_file(&self, _namespace: &str, pod: &str, container: &str, previous: bool) -> PathBuf {
+        let suffix = if previous { ".previous" } else { "" };
+        self.0.join(format!("{pod}_{container}{suffix}.log"))
+    }
+}
+
+/// `kubectl logs` of a pod: the container's output, the previous instance's, the last
+/// lines, and `-f` that streams until the container stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_logs_are_served_from_the_container_log_files() {
+    use k8s_openapi::api::core::v1::Pod;
+    let dir = temp_dir("logs");
+    let server = ApiServer::new(None).unwrap();
+    server.serve_logs_from(TestLogs(dir.to_path_buf())).unwrap();
+    assert!(server.serve_logs_from(TestLogs(dir.to_path_buf())).is_err());
+    let url = start_with(server).await;
+    let pods: Api<Pod> = Api::namespaced(client(&url), "default");
+    let running = |names: &[&str]| -> Value {
+        json!(names.iter().map(|n| json!({"name": n, "ready": true, "restartCount": 1,
+            "image": "shell", "imageID": "", "state": {"running": {"startedAt": "2026-12-02T10:00:00Z"}}})).collect::<Vec<_>>())
+    };
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+        "spec": {"containers": [{"name": "app", "image": "shell"}, {"name": "side", "image": "shell"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.patch_status(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"status": {"phase": "Running", "containerStatuses": running(&["app", "side"])}}),
+        ),
+    )
+    .await
+    .unwrap();
+    std::fs::write(dir.join("web_app.log"), "one\ntwo\nthree\n").unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, apiserver::kubeconfig(&url)).unwrap();
+
+    let (ok, out, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "app"]);
+    assert!(ok && out == "one\ntwo\nthree\n", "{out}{err}");
+    let (ok, out, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "app", "--tail=2"]);
+    assert!(ok && out == "two\nthree\n", "{out}{err}");
+    let (ok, _, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "app", "--previous"]);
+    assert!(
+        !ok && err.contains("previous terminated container \"app\" in pod \"web\" not found"),
+        "{err}"
+    );
+    std::fs::write(dir.join("web_app.previous.log"), "before the restart\n").unwrap();
+    let (ok, out, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "app", "-p"]);
+    assert!(ok && out == "before the restart\n", "{out}{err}");
+    let (ok, _, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "nope"]);
+    assert!(
+        !ok && err.contains("container nope is not valid for pod web"),
+        "{err}"
+    );
+    let (ok, _, err) = kubectl(&kubeconfig, &["logs", "web", "-c", "side"]);
+    assert!(!ok && err.contains("is waiting to start"), "{err}");
+    let address = url.trim_start_matches("http://");
+    let answer = raw_request(
+        address,
+        "GET",
+        "/api/v1/namespaces/default/pods/web/log",
+        "",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains(
+                "a container name must be specified for pod web, choose one of: [app side]"
+            ),
+        "{answer}"
+    );
+    let answer = raw_request(
+        address,
+        "GET",
+        "/api/v1/namespaces/default/pods/gone/log",
+        "",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
+    // -f: what is appended arrives, and the stream ends once the container stopped.
+    let mut follow = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["logs", "-f", "web", "-c", "app"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("web_app.log"))
+            .unwrap();
+        file.write_all(b"four\n").unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "-f ended while the container runs"
+    );
+    let stopped = json!([{"name": "app", "ready": false, "restartCount": 1, "image": "shell", "imageID": "",
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]);
+    pods.patch_status(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"containerStatuses": stopped}})),
+    )
+    .await
+    .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(20), follow.wait_with_output())
+        .await
+        .expect("-f ends once the container stopped")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "one\ntwo\nthree\nfour\n"
     );
 }

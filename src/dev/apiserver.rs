@@ -39,8 +39,9 @@
 //! - CRDs: every served version is its own resource with no conversion; the CRD's status
 //!   is set to `NamesAccepted` and `Established` at once, without checking names for
 //!   conflicts;
-//! - no subresources but `status` and the `scale` of statefulsets and deployments (no
-//!   `scale` for CRDs, no `pods/log`, `exec`, `eviction`), no
+//! - no subresources but `status`, the `scale` of statefulsets and deployments and
+//!   `pods/log` (see [`logs`]; no `scale` for CRDs, no `exec`, `attach`,
+//!   `portforward`, `eviction`), no
 //!   `/openapi/v2`, no legacy `/api/v1/watch/...` paths.
 //!
 //! [`ApiServer::delegate_to`] turns on delegate mode (see [`delegate`]): the CRD,
@@ -56,8 +57,10 @@ pub mod audit;
 pub mod crd;
 pub mod delegate;
 pub mod discovery;
+pub mod logs;
 pub mod patch;
 pub mod table;
+pub mod views;
 
 use crate::dev::objects::{
     DEFAULT_EVENT_WINDOW, DeleteOptions, Deletion, EventType, ListOptions, Preconditions,
@@ -140,6 +143,8 @@ struct Shared {
     audit: OnceLock<audit::AuditLog>,
     /// The server of the delegated groups, once [`ApiServer::delegate_to`] was called.
     delegate: OnceLock<delegate::Delegate>,
+    /// Where pods' output is, once [`ApiServer::serve_logs_from`] was called.
+    logs: OnceLock<Box<dyn logs::LogFiles>>,
 }
 
 /// How often a changed store is written to its snapshot file.
@@ -249,6 +254,7 @@ impl ApiServer {
                 dirty: std::sync::atomic::AtomicBool::new(false),
                 audit: OnceLock::new(),
                 delegate: OnceLock::new(),
+                logs: OnceLock::new(),
             }),
         };
         server.save(&server.lock());
@@ -330,6 +336,15 @@ impl ApiServer {
                 "this API server already writes an audit log",
             )
         })
+    }
+
+    /// Pod log requests (`kubectl logs`) are answered from the files `files` names. Once
+    /// only; a second call is refused.
+    pub fn serve_logs_from(&self, files: impl logs::LogFiles) -> Result<(), String> {
+        self.shared
+            .logs
+            .set(Box::new(files))
+            .map_err(|_| "this API server already serves pod logs".to_string())
     }
 
     /// Delegate mode: from now on the groups of [`delegate::DELEGATED_GROUPS`] are served
@@ -633,6 +648,9 @@ async fn respond(
         ["openapi", "v3", "api", version] if get => {
             found(server.read(|s| openapi_document(s, "", version)))
         }
+        ["api", "v1", "namespaces", namespace, "pods", name, "log"] if get => {
+            logs::pod_log(&server, namespace, name, &params).await
+        }
         ["api", "v1", rest @ ..] => {
             resource_request(&server, "", "v1", rest, method, &headers, &params, body).await
         }
@@ -779,17 +797,46 @@ async fn resource_request(
     params: &Params,
     body: Bytes,
 ) -> Response {
-    let target = match server.read(|s| parse_target(s, group, version, rest)) {
+    let mut target = match server.read(|s| parse_target(s, group, version, rest)) {
         Ok(t) => t,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let protobuf = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/vnd.kubernetes.protobuf"));
-    if protobuf && !body.is_empty() {
-        return unsupported_media_type("application/vnd.kubernetes.protobuf").into_response();
+        .unwrap_or("")
+        .to_string();
+    if content_type.starts_with("application/vnd.kubernetes.protobuf") && !body.is_empty() {
+        return protobuf_refused().into_response();
     }
+    // A view (events.k8s.io Events): the request goes to the stored resource, renamed.
+    let view = views::view_of(&target.resource);
+    let mut viewed_params;
+    let (params, body) = match view {
+        None => (params, body),
+        Some(view) => {
+            target.resource = view.stored_resource();
+            viewed_params = params.clone();
+            if let Some(selector) = viewed_params.get_mut("fieldSelector") {
+                *selector = view.field_selector_to_stored(selector);
+            }
+            let body = if body.iter().all(u8::is_ascii_whitespace) {
+                body
+            } else {
+                let parsed = match parse_body(&body) {
+                    Ok(parsed) => parsed,
+                    Err(e) => return ApiError::from(e).into_response(),
+                };
+                let stored = if content_type.starts_with("application/json-patch+json") {
+                    view.json_patch_to_stored(parsed)
+                } else {
+                    view.to_stored(parsed)
+                };
+                Bytes::from(stored.to_string())
+            };
+            (&viewed_params, body)
+        }
+    };
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -812,7 +859,7 @@ async fn resource_request(
     }
     let result = match (&method, &target.name) {
         (&Method::GET, None) if flag(params, "watch") => {
-            return watch_response(server.clone(), target, params, as_table);
+            return watch_response(server.clone(), target, params, as_table, view);
         }
         (&Method::GET, None) => list(server, &target, params, as_table),
         (&Method::GET, Some(name)) => server
@@ -835,21 +882,14 @@ async fn resource_request(
             .map_err(ApiError::from),
         (&Method::POST, None) => create(server, &target, params, &user_agent, &body),
         (&Method::PUT, Some(name)) => update(server, &target, name, params, &user_agent, &body),
-        (&Method::PATCH, Some(name)) => {
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            patch_object(
-                server,
-                &target,
-                name,
-                params,
-                (&content_type, &user_agent),
-                &body,
-            )
-        }
+        (&Method::PATCH, Some(name)) => patch_object(
+            server,
+            &target,
+            name,
+            params,
+            (&content_type, &user_agent),
+            &body,
+        ),
         (&Method::DELETE, Some(name)) => delete(server, &target, name, params, &body),
         (&Method::DELETE, None) => delete_collection(server, &target, params, &body),
         _ => Err(ApiError::from(Error::MethodNotAllowed {
@@ -861,7 +901,10 @@ async fn resource_request(
         })),
     };
     match result {
-        Ok((code, object, warnings)) => json_response(code, &object, &warnings),
+        Ok((code, object, warnings)) => match view {
+            Some(view) => json_response(code, &view.to_served(object), &warnings),
+            None => json_response(code, &object, &warnings),
+        },
         Err(error) => error.into_response(),
     }
 }
@@ -1295,6 +1338,21 @@ fn patch_object(
     Ok(answer)
 }
 
+/// 415 for a protobuf body (what kubectl's typed subcommands, `create namespace`,
+/// `create secret`, ..., send), naming the way around.
+fn protobuf_refused() -> ApiError {
+    let mut error = unsupported_media_type("application/vnd.kubernetes.protobuf");
+    if let ApiError::Status { body, .. } = &mut error {
+        body["message"] = json!(
+            "this API server (the embedded stand-in of `multisite dev up`) reads JSON and YAML \
+             bodies only, not protobuf, which kubectl's typed subcommands (create namespace, \
+             create secret, ...) send: write the object to a file and use `kubectl apply -f \
+             FILE`, or add `--dry-run=client -o yaml | kubectl apply -f -` to the command"
+        );
+    }
+    error
+}
+
 /// 415: a body this server does not read (protobuf, unknown patch types).
 fn unsupported_media_type(got: &str) -> ApiError {
     ApiError::Status {
@@ -1553,7 +1611,24 @@ fn event_line(event: &WatchEvent) -> Bytes {
     Bytes::from(line)
 }
 
-fn watch_response(server: ApiServer, target: Target, params: &Params, as_table: bool) -> Response {
+/// A watch event of a view, its object as the view serves it.
+fn served_event(bookmark: WatchEvent, view: Option<&views::View>) -> WatchEvent {
+    match view {
+        Some(view) => WatchEvent {
+            event_type: bookmark.event_type,
+            object: view.to_served(bookmark.object),
+        },
+        None => bookmark,
+    }
+}
+
+fn watch_response(
+    server: ApiServer,
+    target: Target,
+    params: &Params,
+    as_table: bool,
+    view: Option<&'static views::View>,
+) -> Response {
     let selectors = match Selectors::parse(
         param(params, "labelSelector"),
         param(params, "fieldSelector"),
@@ -1583,8 +1658,11 @@ fn watch_response(server: ApiServer, target: Target, params: &Params, as_table: 
         // As a Table when asked: the column definitions in the first event only, as the
         // real server sends them.
         let mut shown = |event: &WatchEvent, store: &Store| -> WatchEvent {
-            if !as_table || matches!(event.event_type, EventType::Bookmark | EventType::Error) {
+            if matches!(event.event_type, EventType::Error) {
                 return event.clone();
+            }
+            if !as_table || matches!(event.event_type, EventType::Bookmark) {
+                return served_event(event.clone(), view);
             }
             let crd = crd::crd_for(store, &target.resource);
             let mut object = table::table(
@@ -1629,7 +1707,7 @@ fn watch_response(server: ApiServer, target: Target, params: &Params, as_table: 
                     if initial_events {
                         initial_events = false;
                         let end = server.read(|store| store.bookmark(&target.resource, true));
-                        if let Ok(end) = end
+                        if let Ok(end) = end.map(|e| served_event(e, view))
                             && sender.send(event_line(&end)).await.is_err()
                         {
                             return;
@@ -1663,7 +1741,10 @@ fn watch_response(server: ApiServer, target: Target, params: &Params, as_table: 
                 let bookmark = server.read(|store| {
                     // Only when idle: the events up to now were sent.
                     if store.resource_version().to_string() == version.clone().unwrap_or_default() {
-                        store.bookmark(&target.resource, false).ok()
+                        store
+                            .bookmark(&target.resource, false)
+                            .ok()
+                            .map(|e| served_event(e, view))
                     } else {
                         None
                     }

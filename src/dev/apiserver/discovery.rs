@@ -182,7 +182,37 @@ pub fn register_builtins(store: &mut Store) {
         if b.plural == "namespaces" {
             info = info.with_name_rule(crate::dev::names::NameRule::Label);
         }
+        info = info.with_selectable_fields(selectable_fields(b.group, b.plural));
         store.register(ResourceKey::new(b.group, b.version, b.plural), info);
+    }
+}
+
+/// The fields a built-in kind offers to field selectors besides `metadata.name` and
+/// `metadata.namespace`, as the real server's (`kubectl describe` lists a pod's Events by
+/// `involvedObject.*`, a node's pods by `spec.nodeName`).
+fn selectable_fields(group: &str, plural: &str) -> &'static [&'static str] {
+    match (group, plural) {
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "type",
+        ],
+        ("", "pods") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+        ],
+        _ => &[],
     }
 }
 

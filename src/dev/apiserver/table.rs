@@ -1,6 +1,7 @@
 //! `Table` answers (`Accept: application/json;as=Table;v=v1;g=meta.k8s.io`), what `kubectl
 //! get` prints: for built-in kinds the real server's main columns (pods, statefulsets,
-//! deployments, services, persistentvolumeclaims, namespaces, configmaps, secrets, leases;
+//! deployments, services, persistentvolumeclaims, namespaces, configmaps, secrets, leases,
+//! events (the real server's Event columns);
 //! Name and Age for the others), Name and the CRD's `additionalPrinterColumns` (or Name and
 //! Age when it declares none) for custom resources. JSONPaths are the simple forms printer columns use:
 //! `.a.b`, `.a[0]`, `.a[*].b` and `.a[?(@.k=="v")].b`.
@@ -115,6 +116,82 @@ fn data_count(object: &Value) -> Value {
     json!(count("data") + count("binaryData") + count("stringData"))
 }
 
+/// When an Event was last seen: its series' last observation, else its last timestamp,
+/// else its event time (the real server's order).
+fn event_last_seen(event: &Value) -> Value {
+    let at = [
+        &event["series"]["lastObservedTime"],
+        &event["lastTimestamp"],
+        &event["eventTime"],
+        &event["firstTimestamp"],
+    ]
+    .into_iter()
+    .find_map(|t| t.as_str().and_then(|t| t.parse::<Timestamp>().ok()));
+    match at {
+        Some(t) => json!(human_duration(Timestamp::now().as_second() - t.as_second())),
+        None => json!("<unknown>"),
+    }
+}
+
+fn event_object(event: &Value) -> Value {
+    let object = &event["involvedObject"];
+    json!(format!(
+        "{}/{}",
+        object["kind"].as_str().unwrap_or_default().to_lowercase(),
+        object["name"].as_str().unwrap_or_default()
+    ))
+}
+
+fn event_source(event: &Value) -> Value {
+    let component = event["source"]["component"]
+        .as_str()
+        .or_else(|| event["reportingComponent"].as_str())
+        .unwrap_or_default();
+    match event["source"]["host"].as_str() {
+        Some(host) => json!(format!("{component}, {host}")),
+        None => json!(component),
+    }
+}
+
+fn event_count(event: &Value) -> Value {
+    json!(
+        event["series"]["count"]
+            .as_i64()
+            .or_else(|| event["count"].as_i64())
+            .unwrap_or(1)
+    )
+}
+
+/// The real server's Event columns (what `kubectl get events` prints): no Name or Age
+/// in the default view.
+fn event_columns(mut name: Column) -> Vec<Column> {
+    let at = |title: &str, path: &str, priority: i64| Column {
+        name: title.into(),
+        kind: "string".into(),
+        format: String::new(),
+        description: String::new(),
+        priority,
+        json_path: path.into(),
+        compute: None,
+    };
+    name.priority = 1;
+    vec![
+        computed("Last Seen", 0, event_last_seen),
+        at("Type", ".type", 0),
+        at("Reason", ".reason", 0),
+        computed("Object", 0, event_object),
+        at("Subobject", ".involvedObject.fieldPath", 1),
+        computed("Source", 1, event_source),
+        at("Message", ".message", 0),
+        Column {
+            kind: "date".into(),
+            ..at("First Seen", ".firstTimestamp", 1)
+        },
+        computed("Count", 1, event_count),
+        name,
+    ]
+}
+
 /// The columns between Name and Age of a built-in kind.
 fn builtin_columns(resource: &ResourceKey) -> Vec<Column> {
     let at = |name: &str, path: &str, priority: i64| Column {
@@ -201,6 +278,9 @@ fn columns(resource: &ResourceKey, crd: Option<&Value>) -> Vec<Column> {
                 .collect()
         })
         .unwrap_or_default();
+    if crd.is_none() && resource.group.is_empty() && resource.plural == "events" {
+        return event_columns(name);
+    }
     if crd.is_none() {
         let middle = builtin_columns(resource);
         std::iter::once(name)

@@ -31,7 +31,8 @@
 //!
 //! State directory layout: `pods/<namespace>_<pod>/` (working directory, emptyDirs under
 //! `volumes/`, removed with the pod), `volumes/<namespace>/<claim>/` (claim data, kept),
-//! `logs/<namespace>_<pod>_<container>.log` (appended across restarts),
+//! `logs/<namespace>_<pod>_<container>.log` (the container's current instance; when it
+//! starts again, the log of the one before is kept as `...<container>.previous.log`),
 //! `run/<namespace>_<pod>_<container>.pid`.
 
 mod controllers;
@@ -161,11 +162,20 @@ impl Settings {
         }
     }
 
+    /// The log of a container's current (or last) instance:
     /// `<state>/logs/<namespace>_<pod>_<container>.log`.
     pub fn log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
         self.state_dir
             .join("logs")
             .join(format!("{namespace}_{pod}_{container}.log"))
+    }
+
+    /// The log of the instance before it (`kubectl logs --previous`):
+    /// `<state>/logs/<namespace>_<pod>_<container>.previous.log`.
+    pub fn previous_log_path(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
+        self.state_dir
+            .join("logs")
+            .join(format!("{namespace}_{pod}_{container}.previous.log"))
     }
 
     /// The data directory of a PersistentVolumeClaim: `<state>/volumes/<namespace>/<claim>`.

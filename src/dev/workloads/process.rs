@@ -308,6 +308,11 @@ pub(super) fn spawn(
     };
     std::fs::create_dir_all(&working_dir).map_err(|e| WorkloadError::io(&working_dir, e))?;
     let log_path = settings.log_path(namespace, name, container_name);
+    // A new instance, a new log; the one before stays readable as the previous.
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 0) {
+        let previous = settings.previous_log_path(namespace, name, container_name);
+        std::fs::rename(&log_path, &previous).map_err(|e| WorkloadError::io(&previous, e))?;
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
