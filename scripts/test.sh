@@ -2,12 +2,35 @@
 # The project's test command: formatting, lints, and every test.
 # Installs what the tests need that cargo does not fetch (Helm's engine for the
 # chart tests, from the PyPI package helm-sdkpy) when it is missing.
+#
+# MULTISITE_TEST_PREFLIGHT=1 stops after checking that every tool is there (what the
+# fresh-clone test runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== tools"
+missing=0
+for tool in cargo rustc python3 git kubectl curl; do
+  if path=$(command -v "$tool"); then
+    printf '  %-8s %s (%s)\n' "$tool" "$path" "$("$tool" --version 2>/dev/null | head -1 || "$tool" version --client 2>/dev/null | head -1)"
+  else
+    echo "  $tool: NOT FOUND"
+    missing=1
+  fi
+done
+if [[ $missing -ne 0 ]]; then
+  echo "scripts/test.sh needs the tools marked NOT FOUND above (a Rust toolchain, Python 3, git, kubectl, curl)"
+  exit 1
+fi
 
 if ! python3 -c 'import helm_sdkpy' >/dev/null 2>&1; then
   echo "== installing helm-sdkpy (Helm's engine, for the chart tests)"
   python3 -m pip install --quiet --disable-pip-version-check --ignore-requires-python helm-sdkpy
+fi
+
+if [[ "${MULTISITE_TEST_PREFLIGHT:-}" == 1 ]]; then
+  echo "preflight only (MULTISITE_TEST_PREFLIGHT=1): every tool is there"
+  exit 0
 fi
 
 echo "== cargo fmt --check"

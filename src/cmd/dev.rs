@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 /// `dev up`: runs until SIGINT or SIGTERM.
 pub async fn up(dir: PathBuf, options: cluster::UpOptions) -> anyhow::Result<()> {
-    let state = StateDir(dir);
+    let state = StateDir::new(dir)?;
     cluster::up(
         &state,
         &options,
@@ -25,7 +25,7 @@ pub async fn up(dir: PathBuf, options: cluster::UpOptions) -> anyhow::Result<()>
 /// `dev down`: asks the dev cluster running from `dir` to stop, and waits (at most
 /// `wait`) until it has.
 pub fn down(dir: PathBuf, wait: Duration) -> anyhow::Result<String> {
-    let state = StateDir(dir);
+    let state = StateDir::new(dir)?;
     let Some(pid) = cluster::running_pid(&state) else {
         return Ok(format!("no dev cluster runs from {}", state.0.display()));
     };

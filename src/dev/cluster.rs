@@ -39,10 +39,30 @@ impl StoreAccess for ApiServer {
     }
 }
 
+/// Pod logs as the workload runner writes them.
+impl apiserver::logs::LogFiles for workloads::Settings {
+    fn log_file(&self, namespace: &str, pod: &str, container: &str, previous: bool) -> PathBuf {
+        if previous {
+            self.previous_log_path(namespace, pod, container)
+        } else {
+            self.log_path(namespace, pod, container)
+        }
+    }
+}
+
 /// Where a dev cluster keeps its files.
 pub struct StateDir(pub PathBuf);
 
 impl StateDir {
+    /// `dir` made absolute (against the current directory): the paths derived from it
+    /// are handed to pods whose processes run elsewhere.
+    pub fn new(dir: impl AsRef<Path>) -> Result<Self, ClusterError> {
+        let dir = dir.as_ref();
+        std::path::absolute(dir)
+            .map(StateDir)
+            .map_err(|e| file_error(dir, e))
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.0.join("kubeconfig")
     }
@@ -452,12 +472,16 @@ pub async fn up(
             wait(stopped.clone()),
         ))
     });
+    let runner_settings = workloads::Settings {
+        first_address: options.first_pod_address,
+        ..workloads::Settings::new(state.workloads())
+    };
+    server
+        .serve_logs_from(runner_settings.clone())
+        .map_err(ClusterError::ApiServer)?;
     let runner = tokio::spawn(workloads::run(
         Arc::new(server.clone()),
-        workloads::Settings {
-            first_address: options.first_pod_address,
-            ..workloads::Settings::new(state.workloads())
-        },
+        runner_settings,
         wait(stopped.clone()),
     ));
     let summaries = {

@@ -171,11 +171,16 @@ pub struct Kubelet {
 }
 
 impl Kubelet {
-    pub fn new(settings: Settings) -> Result<Self, WorkloadError> {
+    pub fn new(mut settings: Settings) -> Result<Self, WorkloadError> {
         for dir in ["logs", "pods", "volumes", "run"] {
             let path = settings.state_dir.join(dir);
             std::fs::create_dir_all(&path).map_err(|e| WorkloadError::io(&path, e))?;
         }
+        // Every path handed to a pod (volumes, secrets, working directory) derives from
+        // this one, and each process runs in a working directory of its own: a relative
+        // state directory would resolve elsewhere there.
+        settings.state_dir = std::fs::canonicalize(&settings.state_dir)
+            .map_err(|e| WorkloadError::io(&settings.state_dir, e))?;
         Ok(Self {
             settings,
             pods: BTreeMap::new(),
