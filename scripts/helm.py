@@ -11,10 +11,16 @@ release storage kept in memory (HELM_DRIVER=memory). The stand-in answers discov
 keeps nothing afterwards. The manifests printed are the ones Helm itself rendered and
 recorded in the release: the same manifests `helm template` prints.
 
+`install` and `uninstall` are Helm's own actions against a real cluster named by a
+kubeconfig, release records in Secrets as `helm install` keeps them (HELM_DRIVER=secret).
+
 Usage:
     scripts/helm.py lint CHART [-f VALUES]... [--set K=V]... [--strict]
     scripts/helm.py template CHART [-f VALUES]... [--set K=V]... [-n NS] [--release NAME]
                              [--include-crds] [--kube-version V] [--api-versions G/V[/Kind]]...
+    scripts/helm.py install CHART --kubeconfig FILE --release NAME [-n NS] [-f VALUES]...
+                            [--set K=V]... [--create-namespace] [--wait] [--timeout S]
+    scripts/helm.py uninstall --kubeconfig FILE --release NAME [-n NS] [--wait]
 
 Exit status: 0 success, 1 the chart has problems (lint errors, render failure),
 2 bad command line or unreadable input, 3 helm-sdkpy is not installed.
@@ -547,7 +553,7 @@ def _kubeconfig(server: str, namespace: str) -> str:
 _STAGED = "HELM_PY_SCRATCH_DIR"
 
 
-def helm_environment(base: dict[str, str], scratch: Path) -> dict[str, str]:
+def helm_environment(base: dict[str, str], scratch: Path, driver: str = "memory") -> dict[str, str]:
     """The environment the Go library must start with.
 
     The library is a Go c-shared object: Go copies the process environment it was
@@ -556,8 +562,9 @@ def helm_environment(base: dict[str, str], scratch: Path) -> dict[str, str]:
     environment (see main).
     """
     env = {name: value for name, value in base.items() if not name.startswith("HELM_KUBE")}
-    # Release records live in memory, not in Secrets of the (stand-in) cluster.
-    env["HELM_DRIVER"] = "memory"
+    # Renders keep release records in memory, not in Secrets of the stand-in cluster;
+    # installs into a real cluster keep them where `helm` does.
+    env["HELM_DRIVER"] = driver
     for name in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
         target = scratch / name.lower()
         target.mkdir(parents=True, exist_ok=True)
@@ -720,6 +727,43 @@ def cmd_template(args: argparse.Namespace, scratch: Path) -> int:
     return 0
 
 
+def _read_kubeconfig(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read kubeconfig {path}: {err.strerror}") from err
+
+
+def cmd_install(args: argparse.Namespace, scratch: Path) -> int:
+    chart = chart_dir(args.chart)
+    values = user_values(args)
+    helm = import_helm()
+    config = configuration(helm, args.namespace, _read_kubeconfig(args.kubeconfig))
+    try:
+        release = asyncio.run(helm.Install(config).run(
+            args.release, str(chart), values=values or None, create_namespace=args.create_namespace,
+            wait=args.wait, timeout=args.timeout))
+    except helm.HelmError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    info = release.get("info") or {}
+    print(f"installed release {args.release} of {chart} in namespace {args.namespace}: "
+          f"status {info.get('status', 'unknown')}, revision {release.get('version', '?')}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace, scratch: Path) -> int:
+    helm = import_helm()
+    config = configuration(helm, args.namespace, _read_kubeconfig(args.kubeconfig))
+    try:
+        asyncio.run(helm.Uninstall(config).run(args.release, wait=args.wait, timeout=args.timeout))
+    except helm.HelmError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"uninstalled release {args.release} from namespace {args.namespace}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="helm.py",
@@ -752,6 +796,26 @@ def parser() -> argparse.ArgumentParser:
     template.add_argument("--include-crds", action="store_true", help="print the chart's crds/ files first")
     template.add_argument("--notes", action="store_true", help="print the rendered NOTES.txt on stderr")
     template.set_defaults(func=cmd_template)
+
+    def cluster(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kubeconfig", required=True, metavar="FILE", help="kubeconfig of the cluster")
+        p.add_argument("--release", required=True, help="release name")
+        p.add_argument("--wait", action="store_true",
+                       help="wait until the release's objects are ready (or gone, for uninstall)")
+        p.add_argument("--timeout", type=int, default=300, metavar="S",
+                       help="seconds --wait waits (default: 300)")
+
+    install = sub.add_parser("install", help="install the chart into the cluster of --kubeconfig")
+    common(install)
+    cluster(install)
+    install.add_argument("--create-namespace", action="store_true",
+                         help="create the release namespace if it does not exist")
+    install.set_defaults(func=cmd_install)
+
+    uninstall = sub.add_parser("uninstall", help="uninstall a release from the cluster of --kubeconfig")
+    uninstall.add_argument("-n", "--namespace", default="default", help="release namespace (default: default)")
+    cluster(uninstall)
+    uninstall.set_defaults(func=cmd_uninstall)
     return root
 
 
@@ -763,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
         import_helm()  # exits 3 with the install command when the package is missing
         scratch = Path(tempfile.mkdtemp(prefix="helm-py-"))
         try:
-            env = helm_environment(dict(os.environ), scratch)
+            driver = "secret" if args.command in ("install", "uninstall") else "memory"
+            env = helm_environment(dict(os.environ), scratch, driver)
             child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env, check=False)
             return child.returncode
         except KeyboardInterrupt:
