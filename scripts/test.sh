@@ -82,8 +82,10 @@ cargo test --all-targets --quiet
 if [[ -n "${MULTISITE_KUBE_STATE:-}" ]]; then
   echo "== tests on the real Kubernetes control plane (#[ignore]d without it)"
   cargo test --quiet --test kube_harness --test real_cluster -- --ignored --test-threads=1
+  echo "== the stand-in against the real control plane: kubectl, command by command (the table)"
+  cargo test --quiet --test differential -- --ignored --nocapture
 else
-  echo "!!! NOT RUN: tests/kube_harness.rs and tests/real_cluster.rs (no real control plane) !!!"
+  echo "!!! NOT RUN: tests/kube_harness.rs, tests/real_cluster.rs, tests/differential.rs (no real control plane) !!!"
 fi
 
 if [[ -n "${MULTISITE_APISERVER_STATE:-}" ]]; then
