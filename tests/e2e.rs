@@ -3,6 +3,11 @@
 //! - by default, each scenario starts its own embedded cluster (`multisite dev up
 //!   --no-operator`, pods on a loopback range of their own) and a separate
 //!   `multisite operator` process, so that scenarios can kill and restart it;
+//! - with `MULTISITE_E2E_KUBE_STATE` set (a state directory of `e2e/kube/up.sh` whose
+//!   nodes a `multisite node` agent runs, as `scripts/test.sh` sets it up), scenarios run
+//!   on that real Kubernetes control plane, each in a namespace of its own named per run,
+//!   with a separate `multisite operator` process as on the embedded cluster; the
+//!   agent's pods have loopback addresses, so the test reaches them directly;
 //! - with `MULTISITE_E2E_KUBECONFIG` set, scenarios run in namespaces of their own on
 //!   that cluster, where the operator is already installed (by the Helm chart; set
 //!   `MULTISITE_E2E_EXTERNAL_OPERATOR=1`), and reach replica pods with `kubectl
@@ -34,11 +39,12 @@ const KUBECTL: &str = "kubectl";
 const WAIT: Duration = Duration::from_secs(120);
 
 enum Mode {
-    /// Our own embedded cluster and operator.
+    /// Our own operator process, on our own embedded cluster (`dev` is its `dev up`) or
+    /// on the real control plane whose nodes `multisite node` runs (`dev` is None).
     Embedded {
         // Dropped in this order: the operator stops before the cluster.
         operator: Option<Proc>,
-        _dev: Proc,
+        dev: Option<Proc>,
         dir: PathBuf,
         /// `--leader-election` for the operator.
         lease: bool,
@@ -115,6 +121,33 @@ impl Env {
         let dir = std::env::temp_dir().join(format!("multisite-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a state directory");
+        if let Ok(state) = std::env::var("MULTISITE_E2E_KUBE_STATE") {
+            let kubeconfig = Path::new(&state).join("kubeconfig");
+            let kube = rt.block_on(client_for(&kubeconfig));
+            let mut env = Env {
+                name: name.to_string(),
+                rt,
+                kube,
+                kubeconfig,
+                // The control plane keeps its objects across runs.
+                namespace: format!("e2e-{name}-{}", std::process::id()),
+                mode: Mode::Embedded {
+                    dev: None,
+                    operator: None,
+                    dir,
+                    lease,
+                    metrics: free_port(),
+                },
+                forwards: Mutex::default(),
+                started: Instant::now(),
+            };
+            env.apply(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n",
+                env.namespace
+            ));
+            env.start_operator();
+            return env;
+        }
         let pid = std::process::id();
         let first = format!("127.{}.{}.1", 100 + u32::from(index), 1 + pid % 250);
         let log = std::fs::File::create(dir.join("dev.log")).expect("dev log");
@@ -174,7 +207,7 @@ impl Env {
                 format!("e2e-{name}-{}", std::process::id())
             },
             mode: Mode::Embedded {
-                _dev: dev,
+                dev: Some(dev),
                 operator: None,
                 dir,
                 lease,
@@ -586,16 +619,37 @@ impl Env {
         scrape(*metrics)
     }
 
+    /// The process of container `container` of pod `pod`, as `multisite node` reports it
+    /// in the container's id (`process://PID`).
+    fn container_pid(&self, pod: &str, container: &str) -> String {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.kube.clone(), &self.namespace);
+        self.wait(&format!("{pod} runs {container}"), || {
+            let pod = self.rt.block_on(pods.get_opt(pod)).ok().flatten()?;
+            let statuses = pod.status?.container_statuses?;
+            let status = statuses.into_iter().find(|c| c.name == container)?;
+            status.state?.running?;
+            status
+                .container_id?
+                .strip_prefix("process://")
+                .map(str::to_string)
+        })
+    }
+
     /// Kills replica `name`'s server process (embedded) or its pod (elsewhere) at once.
     fn kill_replica(&self, name: &str) {
         match &self.mode {
-            Mode::Embedded { dir, .. } => {
-                let pid_file = dir
-                    .join("workloads")
-                    .join("run")
-                    .join(format!("{}_{name}-0_replica.pid", self.namespace));
-                let pid = std::fs::read_to_string(&pid_file)
-                    .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+            Mode::Embedded { dir, dev, .. } => {
+                let pid = if dev.is_some() {
+                    let pid_file = dir
+                        .join("workloads")
+                        .join("run")
+                        .join(format!("{}_{name}-0_replica.pid", self.namespace));
+                    std::fs::read_to_string(&pid_file)
+                        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+                } else {
+                    self.container_pid(&format!("{name}-0"), "replica")
+                };
                 let status = Command::new("kill")
                     .args(["-KILL", pid.trim()])
                     .status()
@@ -628,7 +682,8 @@ impl Drop for Env {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        if !self.embedded() {
+        // A cluster that outlives the scenario keeps nothing of it.
+        if !matches!(self.mode, Mode::Embedded { dev: Some(_), .. }) {
             let _ = self.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
         }
         eprintln!(
