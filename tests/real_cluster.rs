@@ -235,6 +235,23 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
         wait_for(&format!("claim {claim}"), || {
             json(&admin, &["get", "pvc", &claim, "-n", fleet])
         });
+        // The Replica says why it waits, naming its Site's zone.
+        let ready = wait_for(
+            &format!("Replica {replica} says it is unschedulable"),
+            || {
+                let replica = json(&admin, &["get", "replica", replica, "-n", fleet])?;
+                let conditions = replica["status"]["conditions"].as_array()?.clone();
+                conditions
+                    .into_iter()
+                    .find(|c| c["type"] == "Ready" && c["reason"] == "Unschedulable")
+            },
+        );
+        assert_eq!(ready["status"], "False", "{ready}");
+        let message = ready["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("zone {zone}")) && message.contains("cannot be scheduled"),
+            "{message}"
+        );
     }
     let secret = wait_for("the family Secret", || {
         json(&admin, &["get", "secret", "sampl-secret", "-n", fleet])

@@ -182,21 +182,83 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The pod's API address, once it has an IP.
-async fn endpoint(
-    ctx: &Ctx,
-    namespace: &str,
-    replica: &str,
-) -> Result<Option<(String, Pod)>, OperatorError> {
+/// The replica's pod, unless it is gone or going.
+async fn live_pod(ctx: &Ctx, namespace: &str, replica: &str) -> Result<Option<Pod>, OperatorError> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(pod) = pods.get_opt(&builders::pod_name(replica)).await? else {
-        return Ok(None);
+    Ok(pods
+        .get_opt(&builders::pod_name(replica))
+        .await?
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none()))
+}
+
+/// The pod's API address, once it has an IP.
+fn endpoint(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    Some(format!("http://{ip}:{}", builders::API_PORT))
+}
+
+/// Why a replica's pod does not serve yet, as its status tells: (whether it needs a
+/// person: the condition Degraded, reason, message). A pod the scheduler cannot place
+/// (a Site's zone that no node has, no room) or whose container cannot start will not
+/// come up by waiting.
+fn pod_not_serving(
+    pod_name: &str,
+    pod: Option<&Pod>,
+    zone: Option<&str>,
+) -> (bool, &'static str, String) {
+    let Some(status) = pod.and_then(|p| p.status.as_ref()) else {
+        return (
+            false,
+            "PodStarting",
+            format!("waiting for pod {pod_name} to start"),
+        );
     };
-    if pod.metadata.deletion_timestamp.is_some() {
-        return Ok(None);
+    let unscheduled = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    if let Some(condition) = unscheduled {
+        let why = condition.message.as_deref().unwrap_or("no reason given");
+        let hint = zone
+            .map(|zone| format!(" (its Site asks for nodes in zone {zone})"))
+            .unwrap_or_default();
+        return (
+            true,
+            "Unschedulable",
+            format!("pod {pod_name} cannot be scheduled{hint}: {why}"),
+        );
     }
-    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-    Ok(ip.map(|ip| (format!("http://{ip}:{}", builders::API_PORT), pod)))
+    let stuck = status.container_statuses.iter().flatten().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        matches!(
+            reason,
+            "ErrImagePull"
+                | "ImagePullBackOff"
+                | "CrashLoopBackOff"
+                | "CreateContainerConfigError"
+                | "InvalidImageName"
+        )
+        .then(|| {
+            format!(
+                "{reason}: {}",
+                waiting.message.as_deref().unwrap_or("no message")
+            )
+        })
+    });
+    match stuck {
+        Some(why) => (
+            true,
+            "PodNotStarting",
+            format!("pod {pod_name} does not start: {why}"),
+        ),
+        None => (
+            false,
+            "PodStarting",
+            format!("waiting for pod {pod_name} to start"),
+        ),
+    }
 }
 
 /// Whether an error answer is a pod waiting for its bootstrap.
@@ -339,16 +401,19 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
     let svc: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     apply_object(&svc, &builders::service(replica)).await?;
 
-    let Some((url, pod)) = endpoint(ctx, &namespace, &name).await? else {
+    let pod = live_pod(ctx, &namespace, &name).await?;
+    let Some((url, pod)) = pod.as_ref().and_then(|p| Some((endpoint(p)?, p.clone()))) else {
         status.phase = Some(status.phase.unwrap_or(ReplicaPhase::Pending));
         status.reachable = Some(false);
-        let message = format!("waiting for pod {} to start", builders::pod_name(&name));
+        let zone = site.spec.zone.as_deref();
+        let (stuck, reason, message) =
+            pod_not_serving(&builders::pod_name(&name), pod.as_ref(), zone);
         conditions(
             &mut status,
             generation,
-            (false, "PodStarting", &message),
-            (true, "PodStarting", &message),
-            (false, "PodStarting", &message),
+            (false, reason, &message),
+            (!stuck, reason, &message),
+            (stuck, reason, &message),
         );
         write(api, replica, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(2)));
@@ -621,7 +686,8 @@ async fn remove(
             (false, "Removing", message),
         );
     };
-    let Some((url, _)) = endpoint(ctx, &namespace, &name).await? else {
+    let url = live_pod(ctx, &namespace, &name).await?;
+    let Some(url) = url.as_ref().and_then(endpoint) else {
         let message = format!(
             "waiting for pod {} to serve, to move its mastership away (annotate {FORCE_REMOVE}=true to skip)",
             builders::pod_name(&name)
@@ -715,6 +781,77 @@ mod tests {
     use super::*;
     use crate::api::ReplicaFamilySpec;
     use crate::api::ReplicaSpec;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "r-0"}, "status": status}))
+            .expect("a pod")
+    }
+
+    #[test]
+    fn why_a_pod_does_not_serve() {
+        let unschedulable = pod(
+            serde_json::json!({"conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."}]}),
+        );
+        let crashing = pod(
+            serde_json::json!({"containerStatuses": [{"name": "replica", "image": "x", "imageID": "",
+            "ready": false, "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}}]}),
+        );
+        let creating = pod(
+            serde_json::json!({"containerStatuses": [{"name": "replica", "image": "x", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        let scheduled =
+            pod(serde_json::json!({"conditions": [{"type": "PodScheduled", "status": "True"}]}));
+        for (pod, zone, stuck, reason, says) in [
+            (
+                None,
+                None,
+                false,
+                "PodStarting",
+                "waiting for pod r-0 to start",
+            ),
+            (
+                Some(&scheduled),
+                None,
+                false,
+                "PodStarting",
+                "waiting for pod r-0 to start",
+            ),
+            (
+                Some(&creating),
+                None,
+                false,
+                "PodStarting",
+                "waiting for pod r-0 to start",
+            ),
+            (
+                Some(&unschedulable),
+                Some("zone-x"),
+                true,
+                "Unschedulable",
+                "pod r-0 cannot be scheduled (its Site asks for nodes in zone zone-x): 0/3 nodes are available",
+            ),
+            (
+                Some(&unschedulable),
+                None,
+                true,
+                "Unschedulable",
+                "pod r-0 cannot be scheduled: 0/3",
+            ),
+            (
+                Some(&crashing),
+                None,
+                true,
+                "PodNotStarting",
+                "pod r-0 does not start: CrashLoopBackOff: back-off 40s",
+            ),
+        ] {
+            let (got_stuck, got_reason, message) = pod_not_serving("r-0", pod, zone);
+            assert_eq!((got_stuck, got_reason), (stuck, reason), "{message}");
+            assert!(message.starts_with(says), "{message}");
+        }
+    }
     use k8s_openapi::jiff::Timestamp;
 
     fn family() -> ReplicaFamily {
