@@ -67,6 +67,86 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Run a node agent: a kubelet stand-in that registers Nodes with a real Kubernetes
+    /// API server and runs the pods bound to them as local processes.
+    ///
+    /// For each `--node NAME=ZONE` the agent reads `DIR/NAME/kubeconfig` (the node's own
+    /// client certificate, CN=system:node:NAME in O=system:nodes; the Node authorizer lets
+    /// it touch only its own Node and the pods bound to it) and `DIR/NAME/serving.crt`
+    /// and `serving.key` (the kubelet endpoint's certificate). It creates the Node with
+    /// the hostname, zone, os and arch labels, reports it Ready, renews its Lease in
+    /// kube-node-lease every 10 s, and serves `kubectl logs` on 127.0.0.1 at port
+    /// `--kubelet-port-base` + the node's position in the list.
+    ///
+    /// Pods bound to a node run as processes: the program of the container's image
+    /// (images whose repository ends in `multisite` run this executable; `--image` maps
+    /// more), with the container's command, args and env, in a mount namespace of its
+    /// own where its volumes (emptyDir, secret, configMap, downwardAPI, projected with
+    /// ServiceAccount tokens, persistentVolumeClaim, hostPath) are at their mount paths.
+    /// Each pod gets a loopback address from `--first-pod-address` up; all pods share
+    /// the host's network, so `0.0.0.0` in args and env becomes the pod's address, and
+    /// URL hosts `NAME.NAMESPACE.svc` become the address of a pod Service NAME selects.
+    /// Needs root (mount namespaces).
+    ///
+    /// SIGINT or SIGTERM stops every process (SIGTERM, then SIGKILL after the pod's grace
+    /// period) and leaves the pods in the API server; the next start runs them again.
+    #[command(
+        after_help = "Examples:\n  e2e/kube/up.sh /tmp/kube\n  multisite node --node node-a=zone-a --node node-b=zone-b --credentials /tmp/kube/nodes --state-dir /tmp/kube/agent\n  multisite node --node node-a=zone-a --credentials /tmp/kube/nodes --state-dir /tmp/agent \\\n      --image shell=/bin/sh --provisioner-kubeconfig /tmp/kube/kubeconfig --install-storage-class standard\n\nSee docs/node.md."
+    )]
+    Node {
+        /// A node to run, as NAME=ZONE (sets topology.kubernetes.io/zone); repeatable.
+        #[arg(long = "node", value_name = "NAME=ZONE", required = true)]
+        nodes: Vec<String>,
+        /// Directory with one subdirectory per node: NAME/kubeconfig, NAME/serving.crt,
+        /// NAME/serving.key (e2e/kube/up.sh writes them to STATE/nodes).
+        #[arg(long, value_name = "DIR")]
+        credentials: PathBuf,
+        /// Pod directories, container logs and provisioned volumes live here.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// Pods get loopback addresses from this one up.
+        #[arg(long, value_name = "IP", default_value = "127.3.0.1")]
+        first_pod_address: std::net::Ipv4Addr,
+        /// The kubelet endpoint of the first node; the next nodes take the next ports.
+        #[arg(long, value_name = "PORT", default_value_t = 10250)]
+        kubelet_port_base: u16,
+        /// Run containers of image REPOSITORY (or an exact image reference) with PROGRAM,
+        /// e.g. `shell=/bin/sh`; repeatable.
+        #[arg(long = "image", value_name = "REPOSITORY=PROGRAM")]
+        images: Vec<String>,
+        /// A kubeconfig allowed to manage PersistentVolumes and read claims, storage
+        /// classes and pods cluster-wide (e.g. an administrator's): turns on the volume
+        /// provisioner for storage classes of provisioner `multisite.dev/node`, and finds
+        /// the pods a Service selects on other agents' nodes.
+        #[arg(long, value_name = "FILE")]
+        provisioner_kubeconfig: Option<PathBuf>,
+        /// Create this StorageClass (provisioner multisite.dev/node, WaitForFirstConsumer,
+        /// reclaim Delete, the default class) unless it exists; needs
+        /// --provisioner-kubeconfig.
+        #[arg(long, value_name = "NAME")]
+        install_storage_class: Option<String>,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// First restart delay of an exited container (Kubernetes: 10), doubled per restart.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 10.0,
+            hide = true,
+            env = "MULTISITE_NODE_BACKOFF_BASE"
+        )]
+        backoff_base_seconds: f64,
+        /// Longest restart delay (Kubernetes: 300).
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 300.0,
+            hide = true,
+            env = "MULTISITE_NODE_BACKOFF_CAP"
+        )]
+        backoff_cap_seconds: f64,
+    },
     /// Run the operator: the controllers that turn ReplicaFamily, Site, Replica and
     /// SchemaPackage objects into running replica servers, synchronise each family on
     /// its schedule, and record status and Events. Talks to the cluster in KUBECONFIG
@@ -763,6 +843,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 runtime()?.block_on(multisite::cmd::operator::status(namespace, &family, json))?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node {
+            nodes,
+            credentials,
+            state_dir,
+            first_pod_address,
+            kubelet_port_base,
+            images,
+            provisioner_kubeconfig,
+            install_storage_class,
+            log_json,
+            backoff_base_seconds,
+            backoff_cap_seconds,
+        } => {
+            init_logging(log_json);
+            runtime()?.block_on(multisite::cmd::node::run(multisite::cmd::node::NodeArgs {
+                nodes,
+                credentials,
+                state_dir,
+                first_pod_address,
+                kubelet_port_base,
+                images,
+                provisioner_kubeconfig,
+                install_storage_class,
+                backoff_base_seconds,
+                backoff_cap_seconds,
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { command } => {

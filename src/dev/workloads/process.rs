@@ -4,6 +4,7 @@
 use super::util::{at, name_of, namespace_of, text, uid_of};
 use super::{Settings, WorkloadError};
 use crate::dev::objects::{ResourceKey, Store};
+use crate::node::rewrite::{replace_any_address, rewrite_service_hosts};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -127,52 +128,13 @@ fn strip_mount<'a>(value: &'a str, mount: &str) -> Option<&'a str> {
     (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
-/// `0.0.0.0` as a whole address (not the end of `10.0.0.0`) becomes `ip`.
-fn replace_any_address(value: &str, ip: Ipv4Addr) -> String {
-    const ANY: &str = "0.0.0.0";
-    let mut out = String::new();
-    let mut rest = value;
-    while let Some(found) = rest.find(ANY) {
-        let before = rest[..found].chars().next_back();
-        let after = rest[found + ANY.len()..].chars().next();
-        let joined = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit() || c == '.');
-        out.push_str(&rest[..found]);
-        if joined(before) || joined(after) {
-            out.push_str(ANY);
-        } else {
-            out.push_str(&ip.to_string());
-        }
-        rest = &rest[found + ANY.len()..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// `value` with each URL host `NAME.NAMESPACE.svc[.cluster.local]` replaced by the
 /// address of a running pod that Service NAME selects (the cluster DNS a real kubelet's
 /// pods have). A Service without such a pod is an error, so the container starts later.
 fn resolve_services(store: &Store, value: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = value;
-    while let Some(found) = rest.find("://") {
-        let host_start = found + 3;
-        out.push_str(&rest[..host_start]);
-        let tail = &rest[host_start..];
-        let host_end = tail.find([':', '/', '?']).unwrap_or(tail.len());
-        let host = &tail[..host_end];
-        let host_name = host
-            .strip_suffix(".svc.cluster.local")
-            .or_else(|| host.strip_suffix(".svc"));
-        match host_name.and_then(|h| h.split_once('.')) {
-            Some((service, namespace)) if !service.is_empty() && !namespace.contains('.') => {
-                out.push_str(&service_address(store, namespace, service)?);
-            }
-            _ => out.push_str(host),
-        }
-        rest = &tail[host_end..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    rewrite_service_hosts(value, |namespace, service| {
+        service_address(store, namespace, service)
+    })
 }
 
 /// The address of a pod with an IP that Service `service` in `namespace` selects (a

@@ -1,0 +1,229 @@
+//! How a container becomes a process: the mapped program with the container's command
+//! and arguments, its environment, its output appended to its log file, in a mount
+//! namespace of its own (`unshare(CLONE_NEWNS | CLONE_NEWUTS)` before `exec`) where each
+//! volume is bind-mounted onto its mount path and the host name is the pod's name.
+//!
+//! Mount points that do not exist on the host are created there (empty directories, or
+//! empty files for single-file mounts) and removed when the agent stops; a mount point
+//! under another mount of the same container is created inside that volume instead.
+
+use super::NodeError;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// One bind mount of a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Mount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything a start needs.
+#[derive(Debug)]
+pub(super) struct Launch {
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Inside the container's mount namespace.
+    pub working_dir: PathBuf,
+    pub mounts: Vec<Mount>,
+    pub hostname: String,
+    pub log: PathBuf,
+    pub previous_log: PathBuf,
+}
+
+fn c_path(path: &Path) -> Result<CString, NodeError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| NodeError::Invalid(format!("{}: a NUL byte in a path", path.display())))
+}
+
+/// Makes `mounts[i].target` exist: inside the source of the nearest earlier mount that
+/// contains it, else on the host (returning the topmost path created there).
+fn make_mountpoints(mounts: &[Mount]) -> Result<Vec<PathBuf>, NodeError> {
+    let mut created = Vec::new();
+    for (index, mount) in mounts.iter().enumerate() {
+        let file = mount.source.is_file();
+        let enclosing = mounts[..index]
+            .iter()
+            .rev()
+            .find(|m| mount.target.starts_with(&m.target) && mount.target != m.target);
+        let target = match enclosing {
+            Some(outer) => match mount.target.strip_prefix(&outer.target) {
+                Ok(rest) => outer.source.join(rest),
+                Err(_) => mount.target.clone(),
+            },
+            None => mount.target.clone(),
+        };
+        if std::fs::symlink_metadata(&target).is_ok() || target.exists() {
+            continue;
+        }
+        if enclosing.is_none() {
+            let mut top = target.as_path();
+            while let Some(parent) = top.parent() {
+                if parent.exists() {
+                    break;
+                }
+                top = parent;
+            }
+            created.push(top.to_path_buf());
+        }
+        let dir = if file {
+            target.parent()
+        } else {
+            Some(target.as_path())
+        };
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
+        }
+        if file {
+            std::fs::write(&target, b"").map_err(|e| NodeError::io(&target, e))?;
+        }
+    }
+    Ok(created)
+}
+
+/// Starts the process. Returns it and the mount points created on the host.
+pub(super) fn launch(launch: &Launch) -> Result<(Child, Vec<PathBuf>), NodeError> {
+    let mut mounts = launch.mounts.clone();
+    // Outer mounts first, so an inner one lands on top of its enclosing volume.
+    mounts.sort_by_key(|m| m.target.components().count());
+    let created = make_mountpoints(&mounts)?;
+    let mut binds = Vec::new();
+    for mount in &mounts {
+        binds.push((
+            c_path(&mount.source)?,
+            c_path(&mount.target)?,
+            mount.read_only,
+        ));
+    }
+    let working_dir = c_path(&launch.working_dir)?;
+    let hostname = launch.hostname.clone().into_bytes();
+
+    if std::fs::metadata(&launch.log).is_ok_and(|m| m.len() > 0) {
+        std::fs::rename(&launch.log, &launch.previous_log)
+            .map_err(|e| NodeError::io(&launch.previous_log, e))?;
+    }
+    if let Some(dir) = launch.log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&launch.log)
+        .map_err(|e| NodeError::io(&launch.log, e))?;
+    let log_err = log.try_clone().map_err(|e| NodeError::io(&launch.log, e))?;
+    let mut command = Command::new(&launch.program);
+    command
+        .args(&launch.argv)
+        .env_clear()
+        .envs(launch.env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec the closure only makes system calls (unshare, mount,
+    // sethostname, chdir) on memory prepared before the fork; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || in_child(&binds, &hostname, &working_dir));
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| NodeError::io(&launch.program, e))?;
+    Ok((child, created))
+}
+
+/// Runs in the forked child before `exec`: a private mount namespace with the binds.
+fn in_child(
+    binds: &[(CString, CString, bool)],
+    hostname: &[u8],
+    working_dir: &CString,
+) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls on NUL-terminated strings that outlive the calls.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        for (source, target, read_only) in binds {
+            check(libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            if *read_only {
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+            }
+        }
+        if !hostname.is_empty() {
+            check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
+        }
+        check(libc::chdir(working_dir.as_ptr()))?;
+    }
+    Ok(())
+}
+
+/// Sends `signal` to the process group of `pid`.
+pub(super) fn signal_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid)
+        && pid > 0
+    {
+        // SAFETY: kill(2) on a process group this agent started.
+        unsafe {
+            libc::kill(-pid, signal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inner_mount_points_are_made_inside_the_outer_volume() {
+        let base = std::env::temp_dir().join(format!("multisite-mp-{}", std::process::id()));
+        let outer = base.join("outer");
+        std::fs::create_dir_all(&outer).unwrap();
+        let mounts = vec![
+            Mount {
+                source: outer.clone(),
+                target: base.join("host/data"),
+                read_only: false,
+            },
+            Mount {
+                source: base.join("inner"),
+                target: base.join("host/data/logs"),
+                read_only: false,
+            },
+        ];
+        let created = make_mountpoints(&mounts).unwrap();
+        assert_eq!(created, vec![base.join("host")]);
+        assert!(base.join("host/data").is_dir());
+        assert!(outer.join("logs").is_dir());
+        assert!(!base.join("host/data/logs").exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
