@@ -842,3 +842,122 @@ fn a_pod_for_a_zone_without_nodes_stays_pending_and_an_unknown_image_waits() {
     let later = pod(&state, &ns.name, "nowhere").expect("still there");
     assert_eq!(later["status"]["phase"], "Pending");
 }
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn service_hosts_and_the_any_address_become_pod_addresses() {
+    let state = state();
+    let _agent = Agent::start(&state, &[]);
+    let ns = Namespace::new(&state);
+    apply(
+        &state,
+        &ns.name,
+        &shell_pod("backend", "zone-a", "exec sleep 600"),
+    );
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "backend"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 7400}]},
+    });
+    apply(&state, &ns.name, &service);
+    let backend = wait_running(&state, &ns.name, "backend");
+    let backend_ip = backend["status"]["podIP"]
+        .as_str()
+        .expect("podIP")
+        .to_string();
+    // The client runs on another node of the agent than the pod its Service selects.
+    let mut client = shell_pod(
+        "client",
+        "zone-c",
+        "echo peer=$1 listen=$LISTEN; exec sleep 600",
+    );
+    client["spec"]["containers"][0]["command"] = json!([
+        "sh",
+        "-c",
+        "echo peer=$1 listen=$LISTEN; exec sleep 600",
+        "sh",
+        format!("http://backend.{}.svc:7400/v1", ns.name),
+    ]);
+    client["spec"]["containers"][0]["env"] = json!([{"name": "LISTEN", "value": "0.0.0.0:8080"}]);
+    apply(&state, &ns.name, &client);
+    let running = wait_running(&state, &ns.name, "client");
+    let ip = running["status"]["podIP"]
+        .as_str()
+        .expect("podIP")
+        .to_string();
+    let log = wait_log(&state, &ns.name, "client", "peer=");
+    assert!(
+        log.contains(&format!(
+            "peer=http://{backend_ip}:7400/v1 listen={ip}:8080"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn a_failing_liveness_probe_restarts_the_container() {
+    let state = state();
+    let _agent = Agent::start(
+        &state,
+        &["--backoff-base-seconds", "1", "--backoff-cap-seconds", "2"],
+    );
+    let ns = Namespace::new(&state);
+    let mut object = shell_pod("sickly", "zone-b", "echo started; exec sleep 600");
+    object["spec"]["terminationGracePeriodSeconds"] = json!(1);
+    object["spec"]["containers"][0]["livenessProbe"] = json!({
+        "tcpSocket": {"port": 9},
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    });
+    apply(&state, &ns.name, &object);
+    let restarted = eventually("a restart after failed liveness probes", LIMIT, || {
+        let pod = pod(&state, &ns.name, "sickly")?;
+        (pod["status"]["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(pod)
+    });
+    let last = &restarted["status"]["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["reason"], "Error", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Liveness probe failed")),
+        "{last}"
+    );
+}
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn a_new_agent_starts_the_pods_bound_to_its_nodes_again() {
+    let state = state();
+    let ns = Namespace::new(&state);
+    let first_pid;
+    {
+        let _agent = Agent::start(&state, &[]);
+        apply(
+            &state,
+            &ns.name,
+            &shell_pod("survivor", "zone-a", "echo hello; exec sleep 600"),
+        );
+        let running = wait_running(&state, &ns.name, "survivor");
+        first_pid = running["status"]["containerStatuses"][0]["containerID"].clone();
+        assert!(first_pid.is_string());
+    }
+    // The agent stopped its processes and left the pod in place.
+    let left = pod(&state, &ns.name, "survivor").expect("the pod stays");
+    assert!(left["metadata"]["deletionTimestamp"].is_null());
+    let pid: i32 = first_pid
+        .as_str()
+        .and_then(|id| id.strip_prefix("process://"))
+        .and_then(|p| p.parse().ok())
+        .expect("a process id");
+    // SAFETY: signal 0 only asks whether the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    assert!(!alive, "process {pid} outlived its agent");
+    let _agent = Agent::start(&state, &[]);
+    eventually("the pod running again in a new process", LIMIT, || {
+        let pod = pod(&state, &ns.name, "survivor")?;
+        let status = &pod["status"]["containerStatuses"][0];
+        (status["containerID"] != first_pid && status["state"]["running"].is_object()).then_some(())
+    });
+}
