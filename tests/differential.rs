@@ -390,6 +390,17 @@ fn kubectl_on_the_stand_in_and_on_the_real_control_plane() {
             cell(&on_stand_in)
         );
     }
+    // What only the real control plane made (the stand-in refused it).
+    let _ = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&real.kubeconfig)
+        .args([
+            "delete",
+            "namespace",
+            &format!("{ns}-typed"),
+            "--wait=false",
+        ])
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

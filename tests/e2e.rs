@@ -684,6 +684,29 @@ impl Drop for Env {
             .clear();
         // A cluster that outlives the scenario keeps nothing of it.
         if !matches!(self.mode, Mode::Embedded { dev: Some(_), .. }) {
+            if let Mode::Embedded {
+                dev: None,
+                operator,
+                ..
+            } = &mut self.mode
+            {
+                // Our operator stops with the scenario (first, so that it adds no
+                // finalizer again): the removal finalizers of its Replicas would hold the
+                // namespace in Terminating for good.
+                drop(operator.take());
+                let names = self.kubectl(&["get", "replicas", "-n", &self.namespace, "-o", "name"]);
+                for name in text(&names.stdout).lines() {
+                    let _ = self.kubectl(&[
+                        "patch",
+                        name,
+                        "-n",
+                        &self.namespace,
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"finalizers":null}}"#,
+                    ]);
+                }
+            }
             let _ = self.kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
         }
         eprintln!(

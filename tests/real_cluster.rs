@@ -114,6 +114,11 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
     let fleet = fleet.as_str();
     let release = "ms";
     let sa = "ms-multisite-operator";
+    let _uninstall = Uninstall {
+        kubeconfig: admin.clone(),
+        namespaces: vec![namespace.to_string(), fleet.to_string()],
+        release,
+    };
     // The chart gives the operator Roles in the namespaces it watches: they come first.
     let (ok, out) = kubectl(&admin, &["create", "namespace", fleet]);
     assert!(ok, "{out}");
@@ -131,11 +136,6 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
         &format!("watchNamespaces={{{fleet}}}"),
     ]);
     assert!(installed.contains("status deployed"), "{installed}");
-    let _uninstall = Uninstall {
-        kubeconfig: admin.clone(),
-        namespaces: vec![namespace.to_string(), fleet.to_string()],
-        release,
-    };
     for crd in ["replicafamilies", "replicas", "sites", "schemapackages"] {
         let name = format!("crd/{crd}.multisite.dev");
         let (ok, out) = kubectl(
@@ -298,12 +298,39 @@ impl Drop for Uninstall {
             .args(["--release", self.release, "-n", &self.namespaces[0]])
             .current_dir(ROOT)
             .output();
+        // The operator is gone by now: the Replicas' removal finalizers would hold their
+        // namespace in Terminating for good.
+        remove_finalizers(&self.kubeconfig, &self.namespaces[1..]);
         for namespace in &self.namespaces {
             let _ = Command::new("kubectl")
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
                 .args(["delete", "namespace", namespace, "--wait=false"])
                 .output();
+        }
+    }
+}
+
+/// Strips the finalizers of every Replica in `namespaces`.
+fn remove_finalizers(kubeconfig: &Path, namespaces: &[String]) {
+    for namespace in namespaces {
+        let (_, names) = kubectl(
+            kubeconfig,
+            &["get", "replicas", "-n", namespace, "-o", "name"],
+        );
+        for name in names.lines().filter(|l| l.starts_with("replica")) {
+            let _ = kubectl(
+                kubeconfig,
+                &[
+                    "patch",
+                    name,
+                    "-n",
+                    namespace,
+                    "--type=merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ],
+            );
         }
     }
 }
