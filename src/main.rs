@@ -75,8 +75,8 @@ enum Command {
     /// it touch only its own Node and the pods bound to it) and `DIR/NAME/serving.crt`
     /// and `serving.key` (the kubelet endpoint's certificate). It creates the Node with
     /// the hostname, zone, os and arch labels, reports it Ready, renews its Lease in
-    /// kube-node-lease every 10 s, and serves `kubectl logs` on 127.0.0.1 at port
-    /// `--kubelet-port-base` + the node's position in the list.
+    /// kube-node-lease every 10 s, and serves `kubectl logs` and `kubectl exec` on
+    /// 127.0.0.1 at port `--kubelet-port-base` + the node's position in the list.
     ///
     /// Pods bound to a node run as processes: the program of the container's image
     /// (images whose repository ends in `multisite` run this executable; `--image` maps

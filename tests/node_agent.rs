@@ -961,3 +961,59 @@ fn a_new_agent_starts_the_pods_bound_to_its_nodes_again() {
         (status["containerID"] != first_pid && status["state"]["running"].is_object()).then_some(())
     });
 }
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn kubectl_exec_runs_a_command_in_the_containers_mounts_over_a_websocket() {
+    let state = state();
+    let _agent = Agent::start(&state, &[]);
+    let ns = Namespace::new(&state);
+    let mut object = shell_pod("shell", "zone-b", "exec sleep 600");
+    object["spec"]["containers"][0]["env"] = json!([{"name": "COLOR", "value": "green"}]);
+    object["spec"]["containers"][0]["volumeMounts"] =
+        json!([{"name": "work", "mountPath": "/work"}]);
+    object["spec"]["volumes"] = json!([{"name": "work", "emptyDir": {}}]);
+    apply(&state, &ns.name, &object);
+    wait_running(&state, &ns.name, "shell");
+    let node = get_json(&state, &["node", "node-b"]).expect("node-b");
+    assert_eq!(
+        node["status"]["declaredFeatures"],
+        json!(["ExtendWebSocketsToKubelet"])
+    );
+    let out = kubectl_output(
+        &state,
+        &[
+            "exec",
+            "-n",
+            &ns.name,
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo color=$COLOR host=$(hostname); ls /var/run/secrets/kubernetes.io/serviceaccount; echo oops >&2; exit 7",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", lossy(&out.stderr));
+    let stdout = lossy(&out.stdout);
+    assert!(stdout.contains("color=green host=shell"), "{stdout}");
+    assert!(stdout.contains("token"), "{stdout}");
+    assert!(lossy(&out.stderr).contains("oops"));
+    let piped = kubectl_output(
+        &state,
+        &[
+            "exec",
+            "-i",
+            "-n",
+            &ns.name,
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "cat > /work/in; cat /work/in",
+        ],
+        Some("through stdin\n"),
+    );
+    assert!(piped.status.success(), "{}", lossy(&piped.stderr));
+    assert_eq!(lossy(&piped.stdout), "through stdin\n");
+}

@@ -148,6 +148,13 @@ struct KnownPod {
     ready: bool,
 }
 
+/// A container process, as exec finds it.
+#[derive(Clone, Debug)]
+struct RunningContainer {
+    pid: u32,
+    env: Vec<(String, String)>,
+}
+
 /// State the nodes of one agent share.
 struct Shared {
     settings: Settings,
@@ -155,8 +162,9 @@ struct Shared {
     addresses: Mutex<BTreeMap<String, Ipv4Addr>>,
     /// Pods with an address, by uid, for Service lookups.
     pods: Mutex<BTreeMap<String, KnownPod>>,
-    /// Containers whose process runs now: `namespace/pod/container`.
-    running: Mutex<BTreeSet<String>>,
+    /// Containers whose process runs now, by `namespace/pod/container`: the process id
+    /// and the environment it was given (for exec).
+    running: Mutex<BTreeMap<String, RunningContainer>>,
     /// Mount points this agent created on the host (removed when it stops).
     mountpoints: Mutex<BTreeSet<PathBuf>>,
     /// The provisioner's cluster-wide client, if any.
@@ -313,7 +321,7 @@ pub async fn run(
         settings: settings.clone(),
         addresses: Mutex::new(BTreeMap::new()),
         pods: Mutex::new(BTreeMap::new()),
-        running: Mutex::new(BTreeSet::new()),
+        running: Mutex::new(BTreeMap::new()),
         mountpoints: Mutex::new(BTreeSet::new()),
         cluster: cluster.clone(),
     });

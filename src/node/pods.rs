@@ -363,7 +363,7 @@ impl Runtime {
             }
         }
         let mut running = lock(&shared.running);
-        running.retain(|key| {
+        running.retain(|key, _| {
             !self
                 .runs
                 .values()
@@ -371,7 +371,16 @@ impl Runtime {
         });
         for run in self.runs.values() {
             for container in run.all().filter(|c| c.running()) {
-                running.insert(format!("{}/{}/{}", run.namespace, run.name, container.name));
+                let Some(pid) = container.pid else {
+                    continue;
+                };
+                running.insert(
+                    format!("{}/{}/{}", run.namespace, run.name, container.name),
+                    super::RunningContainer {
+                        pid,
+                        env: container.env.clone(),
+                    },
+                );
             }
         }
     }
@@ -379,7 +388,7 @@ impl Runtime {
     fn forget(&mut self, uid: &str) {
         if let Some(run) = self.runs.remove(uid) {
             let mut running = lock(&self.node.shared.running);
-            running.retain(|key| !key.starts_with(&format!("{}/{}/", run.namespace, run.name)));
+            running.retain(|key, _| !key.starts_with(&format!("{}/{}/", run.namespace, run.name)));
             drop(running);
             if let Err(error) = std::fs::remove_dir_all(&run.dir)
                 && error.kind() != std::io::ErrorKind::NotFound

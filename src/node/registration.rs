@@ -116,6 +116,8 @@ fn node_status(node: &NodeCtx, since: &str) -> Value {
             {"type": "Hostname", "address": node.name},
         ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": node.port}},
+        // kube-apiserver then hands exec WebSockets through instead of speaking SPDY.
+        "declaredFeatures": ["ExtendWebSocketsToKubelet"],
         "nodeInfo": {
             "machineID": machine,
             "systemUUID": machine,

@@ -5,14 +5,19 @@
 //! - `GET /healthz`: `ok`.
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with `follow`, `previous`,
 //!   `tailLines`, `limitBytes` (what `kubectl logs` asks through the API server).
-//! - exec, attach, port-forward and run answer 501: they need the streaming protocols
-//!   (SPDY/3.1 or WebSocket with Kubernetes' channel framing), which the agent does not
-//!   serve (docs/node.md).
+//! - `GET /exec/{namespace}/{pod}/{container}?command=...&stdin=&stdout=&stderr=` as a
+//!   WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`): the command runs with
+//!   `nsenter` in the container's mount and UTS namespaces and its environment. The
+//!   Node declares `ExtendWebSocketsToKubelet`, so kube-apiserver hands `kubectl exec`'s
+//!   WebSocket through instead of translating it to SPDY/3.1.
+//! - attach, port-forward and run, and exec over SPDY, answer 501 (docs/node.md).
 
 use super::{NodeCtx, NodeError, lock};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path as UrlPath, Query, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -25,7 +30,7 @@ use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// The TLS configuration of one node's endpoint.
 pub(super) fn tls_config(
@@ -104,6 +109,7 @@ pub(super) async fn serve(
             let service = TowerToHyperService::new(router);
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(node = %name, %peer, %error, "kubelet endpoint: connection ended");
@@ -113,29 +119,244 @@ pub(super) async fn serve(
 }
 
 fn router(endpoint: Endpoint) -> Router {
+    routes().with_state(endpoint)
+}
+
+fn routes() -> Router<Endpoint> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
             get(container_logs),
         )
-        .route("/exec/{*rest}", any(streaming))
+        .route("/exec/{namespace}/{pod}/{container}", any(exec))
         .route("/attach/{*rest}", any(streaming))
         .route("/portForward/{*rest}", any(streaming))
         .route("/run/{*rest}", any(streaming))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(endpoint)
 }
 
 async fn streaming() -> Response {
     (
         StatusCode::NOT_IMPLEMENTED,
-        "multisite node does not serve exec, attach, port-forward or run: kube-apiserver \
-         proxies them to the kubelet as an upgraded stream (SPDY/3.1, or WebSocket with the \
-         v5.channel.k8s.io / portforward.k8s.io framing), and this agent has no server for \
-         those protocols yet; read the logs (kubectl logs) or reach the pod's address directly\n",
+        "multisite node does not serve attach, port-forward or run, nor exec over SPDY: \
+         kube-apiserver proxies them to the kubelet as an upgraded stream (SPDY/3.1, or a \
+         WebSocket to a node that declares ExtendWebSocketsToKubelet), and this agent serves \
+         only exec, only as a WebSocket (v5.channel.k8s.io); read the logs (kubectl logs) or \
+         reach the pod's address directly\n",
     )
         .into_response()
+}
+
+/// What an exec request asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ExecQuery {
+    command: Vec<String>,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value.
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        let hex = (byte == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (byte, hex) {
+            (_, Some(decoded)) => {
+                out.push(decoded);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (other, None) => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn exec_query(raw: &str) -> ExecQuery {
+    let mut query = ExecQuery::default();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = decode(value);
+        let on = matches!(value.as_str(), "1" | "true");
+        match key {
+            "command" => query.command.push(value),
+            "input" | "stdin" => query.stdin = on,
+            "output" | "stdout" => query.stdout = on,
+            "error" | "stderr" => query.stderr = on,
+            "tty" => query.tty = on,
+            _ => {}
+        }
+    }
+    query
+}
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const ERROR: u8 = 3;
+const CLOSE: u8 = 255;
+
+async fn exec(
+    State(endpoint): State<Endpoint>,
+    UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return streaming().await;
+    };
+    let query = exec_query(raw.as_deref().unwrap_or(""));
+    let key = format!("{namespace}/{pod}/{container}");
+    let Some(target) = lock(&endpoint.node.shared.running).get(&key).cloned() else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("container {container:?} of pod {namespace}/{pod} does not run on this node\n"),
+        )
+            .into_response();
+    };
+    if query.command.is_empty() {
+        return (StatusCode::BAD_REQUEST, "exec needs a command\n").into_response();
+    }
+    upgrade
+        .protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
+        .on_upgrade(move |socket| run_exec(socket, target, query))
+}
+
+/// The Status kubectl reads from the error channel when the command ends.
+fn exit_status(command: &[String], code: Option<i32>) -> String {
+    match code {
+        Some(0) => serde_json::json!({"metadata": {}, "status": "Success"}).to_string(),
+        Some(code) => serde_json::json!({
+            "metadata": {},
+            "status": "Failure",
+            "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"),
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+        })
+        .to_string(),
+        None => serde_json::json!({
+            "metadata": {},
+            "status": "Failure",
+            "message": format!("command {command:?} was killed by a signal"),
+            "reason": "InternalError",
+        })
+        .to_string(),
+    }
+}
+
+/// A close with status 1000: kubectl reads the error channel to its end, which a
+/// close without a status is not.
+fn normal_close() -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: "".into(),
+    }))
+}
+
+fn frame(channel: u8, data: &[u8]) -> Message {
+    let mut bytes = Vec::with_capacity(data.len() + 1);
+    bytes.push(channel);
+    bytes.extend_from_slice(data);
+    Message::Binary(bytes.into())
+}
+
+async fn run_exec(mut socket: WebSocket, target: super::RunningContainer, query: ExecQuery) {
+    let spawned = tokio::process::Command::new("nsenter")
+        .arg(format!("--target={}", target.pid))
+        .args(["--mount", "--uts", "--wd", "--"])
+        .args(&query.command)
+        .env_clear()
+        .envs(target.env.iter().cloned())
+        .stdin(if query.stdin {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            let status = serde_json::json!({
+                "metadata": {}, "status": "Failure", "reason": "InternalError",
+                "message": format!("cannot run nsenter: {error}"),
+            });
+            let _ = socket
+                .send(frame(ERROR, status.to_string().as_bytes()))
+                .await;
+            let _ = socket.send(normal_close()).await;
+            return;
+        }
+    };
+    let mut stdin = child.stdin.take();
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return;
+    };
+    let (mut out_open, mut err_open) = (true, true);
+    let (mut out_buf, mut err_buf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    loop {
+        tokio::select! {
+            message = socket.recv() => match message {
+                Some(Ok(Message::Binary(bytes))) => match bytes.first() {
+                    Some(&STDIN) => {
+                        if let Some(pipe) = stdin.as_mut()
+                            && pipe.write_all(&bytes[1..]).await.is_err()
+                        {
+                            stdin = None;
+                        }
+                    }
+                    Some(&CLOSE) if bytes.get(1) == Some(&STDIN) => stdin = None,
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            read = stdout.read(&mut out_buf), if out_open => match read {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) if query.stdout => {
+                    if socket.send(frame(STDOUT, &out_buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+            },
+            read = stderr.read(&mut err_buf), if err_open => match read {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) if query.stderr => {
+                    if socket.send(frame(STDERR, &err_buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+            },
+            status = child.wait(), if !out_open && !err_open => {
+                let code = status.ok().and_then(|s| s.code());
+                let _ = socket
+                    .send(frame(ERROR, exit_status(&query.command, code).as_bytes()))
+                    .await;
+                let _ = socket.send(normal_close()).await;
+                return;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -239,7 +460,7 @@ async fn container_logs(
                 }
                 _ => {}
             }
-            let running = lock(&node.shared.running).contains(&key);
+            let running = lock(&node.shared.running).contains_key(&key);
             // The instance ended (or a new one began with a new file): stop following
             // once nothing more comes.
             if !running {
@@ -270,7 +491,27 @@ async fn read_from(path: &Path, offset: u64, max: u64) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::tail_offset;
+    use super::{ExecQuery, exec_query, routes, tail_offset};
+
+    #[test]
+    fn the_routes_do_not_clash() {
+        let _ = routes();
+    }
+
+    #[test]
+    fn exec_queries_repeat_the_command() {
+        assert_eq!(
+            exec_query("command=sh&command=-c&command=echo+a%20b&stdin=1&output=1&tty=false"),
+            ExecQuery {
+                command: vec!["sh".into(), "-c".into(), "echo a b".into()],
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                tty: false,
+            }
+        );
+        assert_eq!(exec_query("command=50%").command, vec!["50%".to_string()]);
+    }
 
     #[test]
     fn tail_keeps_the_last_lines() {
