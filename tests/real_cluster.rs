@@ -334,3 +334,204 @@ fn remove_finalizers(kubeconfig: &Path, namespaces: &[String]) {
         }
     }
 }
+
+/// A node agent of a test, stopped (and its directory removed) with the test.
+struct Agent {
+    process: Option<Proc>,
+    dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node agent running `nodes` (name, zone), its program and state outside /tmp (pods
+/// mount their own /tmp over it).
+fn start_agent(state: &Path, nodes: &[(&str, &str)], first_address: &str, port: u16) -> Agent {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    let dir = home
+        .join(".cache")
+        .join(format!("multisite-real-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let program = dir.join("multisite");
+    std::fs::copy(env!("CARGO_BIN_EXE_multisite"), &program).expect("copy the program");
+    for (name, _) in nodes {
+        let out = Command::new(Path::new(ROOT).join("e2e/kube/node-credentials.sh"))
+            .arg(state)
+            .arg(name)
+            .output()
+            .expect("run node-credentials.sh");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut command = Command::new(&program);
+    command
+        .arg("node")
+        .arg("--credentials")
+        .arg(state.join("nodes"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--first-pod-address", first_address])
+        .args(["--kubelet-port-base", &port.to_string()])
+        .arg("--provisioner-kubeconfig")
+        .arg(state.join("kubeconfig"))
+        .args(["--install-storage-class", "standard"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"));
+    for (name, zone) in nodes {
+        command.args(["--node", &format!("{name}={zone}")]);
+    }
+    Agent {
+        process: Some(Proc(command.spawn().expect("start multisite node"))),
+        dir,
+    }
+}
+
+/// What users run: the chart installed by Helm's engine, the operator as a pod of its
+/// Deployment (its ServiceAccount token projected by the real API server, in-cluster
+/// configuration), run by `multisite node` on nodes in the example's three zones. The
+/// example fleet comes up Ready with each replica's pod on the node of its Site's zone,
+/// `kubectl logs` shows a replica's output through the API server, and a Replica whose
+/// Site names a zone no node has stays Pending with a condition that says so.
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn the_chart_installed_operator_pod_brings_the_example_fleet_up_across_zones() {
+    let state = state();
+    let admin = state.join("kubeconfig");
+    let pid = std::process::id();
+    let namespace = format!("multisite-system-{pid}");
+    let fleet = format!("fleet-{pid}");
+    let (namespace, fleet) = (namespace.as_str(), fleet.as_str());
+    let release = "fleet";
+    let zones = [
+        ("sampl-tokyo", "asia-northeast1-a"),
+        ("sampl-paris", "europe-west9-a"),
+        ("sampl-austin", "us-south1-a"),
+    ];
+    let nodes: Vec<(String, &str)> = zones
+        .iter()
+        .map(|(_, zone)| (format!("{zone}-{pid}"), *zone))
+        .collect();
+    let node_refs: Vec<(&str, &str)> = nodes.iter().map(|(n, z)| (n.as_str(), *z)).collect();
+    let agent = start_agent(&state, &node_refs, "127.70.0.1", 12250);
+    let _uninstall = Uninstall {
+        kubeconfig: admin.clone(),
+        namespaces: vec![namespace.to_string(), fleet.to_string()],
+        release,
+    };
+    for (node, _) in &node_refs {
+        let (ok, out) = kubectl(
+            &admin,
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{node}"),
+                "--timeout=60s",
+            ],
+        );
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = kubectl(&admin, &["create", "namespace", fleet]);
+    assert!(ok, "{out}");
+    let installed = helm(&[
+        "install",
+        "charts/multisite-operator",
+        "--kubeconfig",
+        admin.to_str().expect("UTF-8"),
+        "--release",
+        release,
+        "-n",
+        namespace,
+        "--create-namespace",
+        "--set",
+        &format!("watchNamespaces={{{fleet}}}"),
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
+    assert!(installed.contains("status deployed"), "{installed}");
+    let operator = wait_for("the operator pod Ready", || {
+        let pods = json(
+            &admin,
+            &[
+                "get",
+                "pods",
+                "-n",
+                namespace,
+                "-l",
+                "app.kubernetes.io/name=multisite-operator",
+            ],
+        )?;
+        let pod = pods["items"].as_array()?.first()?.clone();
+        let ready = pod["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        ready.then_some(pod)
+    });
+    assert!(operator["spec"]["nodeName"].is_string(), "{operator}");
+
+    // The example fleet, and one more Replica at a Site whose zone no node has.
+    let example = std::fs::read_to_string(Path::new(ROOT).join("examples/fleet.yaml"))
+        .expect("examples/fleet.yaml");
+    let extra = "---\napiVersion: multisite.dev/v1alpha1\nkind: Site\nmetadata: {name: nowhere, namespace: tracker}\n\
+                 spec: {zone: nowhere-1z}\n---\napiVersion: multisite.dev/v1alpha1\nkind: Replica\n\
+                 metadata: {name: sampl-nowhere, namespace: tracker}\nspec: {family: sampl, site: nowhere}\n";
+    let apply = |name: &str, yaml: String| {
+        let manifest = agent.dir.join(name);
+        std::fs::write(
+            &manifest,
+            yaml.replace("namespace: tracker", &format!("namespace: {fleet}")),
+        )
+        .expect("write a manifest");
+        let (ok, out) = kubectl(&admin, &["apply", "-f", manifest.to_str().expect("UTF-8")]);
+        assert!(ok, "{out}");
+    };
+    apply("fleet.yaml", example);
+
+    for (replica, zone) in zones {
+        let pod = format!("{replica}-0");
+        let placed = wait_for(&format!("{replica} Active"), || {
+            let r = json(&admin, &["get", "replica", replica, "-n", fleet])?;
+            (r["status"]["phase"] == "Active").then_some(())?;
+            json(&admin, &["get", "pod", &pod, "-n", fleet])
+        });
+        let node = placed["spec"]["nodeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let labels = json(&admin, &["get", "node", &node]).expect("the pod's node");
+        assert_eq!(
+            labels["metadata"]["labels"]["topology.kubernetes.io/zone"], zone,
+            "{pod} runs on {node}"
+        );
+    }
+    wait_for("the family Ready", || {
+        let family = json(&admin, &["get", "rf", "sampl", "-n", fleet])?;
+        let conditions = family["status"]["conditions"].as_array()?.clone();
+        conditions
+            .into_iter()
+            .find(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    let (ok, out) = kubectl(&admin, &["logs", "-n", fleet, "sampl-tokyo-0"]);
+    assert!(ok && out.contains("listening on http://"), "{out}");
+    apply("nowhere.yaml", extra.to_string());
+    let stuck = wait_for("sampl-nowhere says it is unschedulable", || {
+        let r = json(&admin, &["get", "replica", "sampl-nowhere", "-n", fleet])?;
+        let conditions = r["status"]["conditions"].as_array()?.clone();
+        conditions
+            .into_iter()
+            .find(|c| c["type"] == "Ready" && c["reason"] == "Unschedulable")
+    });
+    let message = stuck["message"].as_str().unwrap_or_default();
+    assert!(message.contains("zone nowhere-1z"), "{message}");
+    let phase = json(&admin, &["get", "replica", "sampl-nowhere", "-n", fleet]).expect("replica");
+    assert_eq!(phase["status"]["phase"], "Pending", "{phase}");
+    let (_, events) = kubectl(&admin, &["get", "events", "-n", fleet]);
+    assert!(events.contains("replica/sampl-tokyo"), "{events}");
+}
