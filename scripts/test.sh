@@ -84,8 +84,33 @@ if [[ -n "${MULTISITE_KUBE_STATE:-}" ]]; then
   cargo test --quiet --test kube_harness --test real_cluster -- --ignored --test-threads=1
   echo "== the stand-in against the real control plane: kubectl, command by command (the table)"
   cargo test --quiet --test differential -- --ignored --nocapture
+  echo "== multisite node on the real control plane (tests/node_agent.rs)"
+  cargo test --quiet --test node_agent -- --ignored --test-threads=1
+  # One node agent for the scenarios: three nodes in three zones, the volume provisioner
+  # and the default StorageClass `standard`; each scenario runs its own operator.
+  echo "== e2e scenarios on the real control plane, pods run by multisite node"
+  cargo build --quiet
+  # The agent's program and state live outside /tmp: a pod's own mounts (the replicas'
+  # /tmp emptyDir) would hide a program or volume source below them in its namespace.
+  mkdir -p "${XDG_CACHE_HOME:-$HOME/.cache}"
+  agent_state="$(mktemp -d "${XDG_CACHE_HOME:-$HOME/.cache}/multisite-node-run.XXXXXX")"
+  install -m 0755 target/debug/multisite "$agent_state/multisite"
+  "$agent_state/multisite" node --node node-a=zone-a --node node-b=zone-b --node node-c=zone-c \
+    --credentials "$kube_state/nodes" --state-dir "$agent_state/state" --first-pod-address 127.60.0.1 \
+    --provisioner-kubeconfig "$kube_state/kubeconfig" --install-storage-class standard \
+    >"$kube_state/agent.log" 2>&1 &
+  agent_pid=$!
+  stop_agent() {
+    kill -TERM "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+    rm -rf "$agent_state"
+  }
+  trap 'stop_agent; stop_harnesses' EXIT
+  kubectl --kubeconfig "$kube_state/kubeconfig" wait --for=condition=Ready node/node-a node/node-b node/node-c --timeout=60s
+  MULTISITE_E2E_KUBE_STATE="$kube_state" cargo test --test e2e
+  stop_agent
 else
-  echo "!!! NOT RUN: tests/kube_harness.rs, tests/real_cluster.rs, tests/differential.rs (no real control plane) !!!"
+  echo "!!! NOT RUN: tests/kube_harness.rs, real_cluster.rs, differential.rs, node_agent.rs and the e2e scenarios on the real control plane (no real control plane) !!!"
 fi
 
 if [[ -n "${MULTISITE_APISERVER_STATE:-}" ]]; then
