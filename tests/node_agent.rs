@@ -403,7 +403,7 @@ fn a_pod_runs_on_its_zones_node_with_env_volumes_and_a_working_token() {
         "echo secret=$(cat /etc/creds/password); \
          echo config=$(cat /etc/settings/greeting) item=$(cat /etc/only/colour); \
          echo env=$GREETING expanded=$EXPANDED pod=$POD_NAME node=$NODE ip=$POD_IP host=$(hostname); \
-         echo args=$1; \
+         echo args=$1 tmp=$(ls -A /tmp | wc -l); \
          echo namespace=$(cat {sa}/namespace); \
          curl -s --cacert {sa}/ca.crt -H \"Authorization: Bearer $(cat {sa}/token)\" \
            -H 'Content-Type: application/json' -X POST \
@@ -434,12 +434,14 @@ fn a_pod_runs_on_its_zones_node_with_env_volumes_and_a_working_token() {
                     {"name": "creds", "mountPath": "/etc/creds"},
                     {"name": "settings", "mountPath": "/etc/settings"},
                     {"name": "only", "mountPath": "/etc/only"},
+                    {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
             "volumes": [
                 {"name": "creds", "secret": {"secretName": "creds"}},
                 {"name": "settings", "configMap": {"name": "settings"}},
                 {"name": "only", "configMap": {"name": "settings", "items": [{"key": "color", "path": "colour"}]}},
+                {"name": "tmp", "emptyDir": {}},
             ],
         },
     });
@@ -456,7 +458,8 @@ fn a_pod_runs_on_its_zones_node_with_env_volumes_and_a_working_token() {
         "secret=hunter2".to_string(),
         "config=hello item=blue".to_string(),
         format!("env=hello expanded=hello-world pod=seer node=node-b ip={ip} host=seer"),
-        "args=hello-arg".to_string(),
+        // /tmp is the pod's emptyDir (the agent's own state lies under the host's /tmp).
+        "args=hello-arg tmp=0".to_string(),
         format!("namespace={}", ns.name),
         format!("\"username\":\"system:serviceaccount:{}:default\"", ns.name),
     ] {

@@ -22,14 +22,26 @@ pub(super) struct Mount {
     pub read_only: bool,
 }
 
+/// Where a container's process starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum WorkingDir {
+    /// A path as the container sees it (its `workingDir`).
+    Inside(PathBuf),
+    /// A directory of the host (the pod's own), entered even where a mount hides it.
+    Host(PathBuf),
+}
+
 /// Everything a start needs.
 #[derive(Debug)]
 pub(super) struct Launch {
+    /// What to execute (`/proc/self/exe` for the agent's own image, so that a mount
+    /// over the binary's directory or a rebuilt binary does not matter).
     pub program: PathBuf,
+    /// The program's name as the process sees it (`argv[0]`).
+    pub arg0: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Inside the container's mount namespace.
-    pub working_dir: PathBuf,
+    pub working_dir: WorkingDir,
     pub mounts: Vec<Mount>,
     pub hostname: String,
     pub log: PathBuf,
@@ -100,7 +112,12 @@ pub(super) fn launch(launch: &Launch) -> Result<(Child, Vec<PathBuf>), NodeError
             mount.read_only,
         ));
     }
-    let working_dir = c_path(&launch.working_dir)?;
+    let (working_dir, host_dir) = match &launch.working_dir {
+        WorkingDir::Inside(path) => (Some(c_path(path)?), None),
+        WorkingDir::Host(path) => (None, Some(c_path(path)?)),
+    };
+    // Room for the descriptors the child opens (it must not allocate).
+    let mut fds: Vec<libc::c_int> = vec![-1; binds.len()];
     let hostname = launch.hostname.clone().into_bytes();
 
     if std::fs::metadata(&launch.log).is_ok_and(|m| m.len() > 0) {
@@ -118,6 +135,7 @@ pub(super) fn launch(launch: &Launch) -> Result<(Child, Vec<PathBuf>), NodeError
     let log_err = log.try_clone().map_err(|e| NodeError::io(&launch.log, e))?;
     let mut command = Command::new(&launch.program);
     command
+        .arg0(&launch.arg0)
         .args(&launch.argv)
         .env_clear()
         .envs(launch.env.iter().cloned())
@@ -129,25 +147,72 @@ pub(super) fn launch(launch: &Launch) -> Result<(Child, Vec<PathBuf>), NodeError
     // SAFETY: between fork and exec the closure only makes system calls (unshare, mount,
     // sethostname, chdir) on memory prepared before the fork; it allocates nothing.
     unsafe {
-        command.pre_exec(move || in_child(&binds, &hostname, &working_dir));
+        command.pre_exec(move || {
+            in_child(
+                &binds,
+                &mut fds,
+                &hostname,
+                working_dir.as_ref(),
+                host_dir.as_ref(),
+            )
+        });
     }
-    let child = command
-        .spawn()
-        .map_err(|e| NodeError::io(&launch.program, e))?;
+    let child = command.spawn().map_err(|e| {
+        NodeError::Invalid(format!(
+            "cannot start {} (its mounts, working directory or the program): {e}",
+            launch.arg0
+        ))
+    })?;
     Ok((child, created))
 }
 
+/// `/proc/self/fd/<fd>` NUL-terminated in `buf`, without allocating.
+fn fd_path(fd: libc::c_int, buf: &mut [u8; 40]) -> *const libc::c_char {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 12];
+    let mut n = u32::try_from(fd).unwrap_or(0);
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+    buf.as_ptr().cast()
+}
+
 /// Runs in the forked child before `exec`: a private mount namespace with the binds.
+/// Every source (and the host working directory) is opened first, in the new
+/// namespace, and bound from its descriptor, so that an earlier mount (an emptyDir
+/// on /tmp) cannot hide a later one's source.
 fn in_child(
     binds: &[(CString, CString, bool)],
+    fds: &mut [libc::c_int],
     hostname: &[u8],
-    working_dir: &CString,
+    working_dir: Option<&CString>,
+    host_dir: Option<&CString>,
 ) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc == 0 {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error())
+        }
+    };
+    let open = |path: &CString| {
+        // SAFETY: open(2) on a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(fd)
         }
     };
     // SAFETY: plain system calls on NUL-terminated strings that outlive the calls.
@@ -160,9 +225,17 @@ fn in_child(
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
-        for (source, target, read_only) in binds {
+        for ((source, _, _), fd) in binds.iter().zip(fds.iter_mut()) {
+            *fd = open(source)?;
+        }
+        let host_fd = match host_dir {
+            Some(dir) => Some(open(dir)?),
+            None => None,
+        };
+        let mut buf = [0u8; 40];
+        for ((_, target, read_only), fd) in binds.iter().zip(fds.iter()) {
             check(libc::mount(
-                source.as_ptr(),
+                fd_path(*fd, &mut buf),
                 target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REC,
@@ -170,7 +243,7 @@ fn in_child(
             ))?;
             if *read_only {
                 check(libc::mount(
-                    source.as_ptr(),
+                    std::ptr::null(),
                     target.as_ptr(),
                     std::ptr::null(),
                     libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
@@ -181,7 +254,12 @@ fn in_child(
         if !hostname.is_empty() {
             check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
         }
-        check(libc::chdir(working_dir.as_ptr()))?;
+        if let Some(fd) = host_fd {
+            check(libc::fchdir(fd))?;
+        }
+        if let Some(dir) = working_dir {
+            check(libc::chdir(dir.as_ptr()))?;
+        }
     }
     Ok(())
 }
@@ -201,6 +279,21 @@ pub(super) fn signal_group(pid: u32, signal: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptor_paths_are_written_without_allocating() {
+        let mut buf = [0u8; 40];
+        for (fd, text) in [
+            (0, "/proc/self/fd/0"),
+            (7, "/proc/self/fd/7"),
+            (1234, "/proc/self/fd/1234"),
+        ] {
+            let ptr = fd_path(fd, &mut buf);
+            // SAFETY: fd_path wrote a NUL-terminated string into buf.
+            let written = unsafe { std::ffi::CStr::from_ptr(ptr) };
+            assert_eq!(written.to_str().unwrap(), text);
+        }
+    }
 
     #[test]
     fn inner_mount_points_are_made_inside_the_outer_volume() {

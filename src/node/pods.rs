@@ -3,7 +3,7 @@
 //! (grace period 0, uid precondition) once their processes are gone after a graceful
 //! deletion.
 
-use super::container::{Launch, Mount, launch, signal_group};
+use super::container::{Launch, Mount, WorkingDir, launch, signal_group};
 use super::env::{PodFacts, container_env, expand};
 use super::probes::{ProbeKind, ProbeSpec, probe_of, run_check};
 use super::registration::{cpus, memory_bytes};
@@ -435,12 +435,8 @@ impl Runtime {
                 status.and_then(|s| s.container_statuses.as_ref())
             };
             let program = images.program_for(c.image.as_deref().unwrap_or(""));
-            let mut run = ContainerRun::new(c, program, restarts(statuses, &c.name));
-            // A pod started again by a new agent counts its earlier instances.
-            if run.restart_count > 0 || status.and_then(|s| s.start_time.as_ref()).is_some() {
-                run.restart_count = run.restart_count.max(0);
-            }
-            run
+            // A pod started again by a new agent keeps counting its restarts.
+            ContainerRun::new(c, program, restarts(statuses, &c.name))
         };
         let init: Vec<ContainerRun> = spec
             .init_containers
@@ -788,13 +784,22 @@ impl Runtime {
                     std::fs::create_dir_all(&dir)
                         .map_err(|e| format!("workingDir {}: {e}", dir.display()))?;
                 }
-                dir
+                WorkingDir::Inside(dir)
             }
-            _ => run.dir.clone(),
+            _ => WorkingDir::Host(run.dir.clone()),
         };
         let settings = &node.shared.settings;
+        // The agent's own image runs the agent's own binary, whatever hides its path.
+        let own = node.shared.settings.images.multisite.as_ref() == Some(&program);
+        let arg0 = program.display().to_string();
+        let program = if own {
+            PathBuf::from("/proc/self/exe")
+        } else {
+            program
+        };
         Ok(Launch {
             program,
+            arg0,
             argv,
             env,
             working_dir,
@@ -1058,6 +1063,22 @@ impl Runtime {
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
             Err(error) => {
                 errors.insert(format!("pod {namespace}/{name}: final delete: {error}"));
+            }
+        }
+        // The pod is gone for good: so are its logs, as with the kubelet (a pod made
+        // again under the same name must not show these as its previous instance's).
+        if let Some(spec) = &pod.spec {
+            let settings = &self.node.shared.settings;
+            let names = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(spec.containers.iter())
+                .map(|c| c.name.as_str());
+            for container in names {
+                let _ = std::fs::remove_file(settings.log_path(&namespace, &name, container));
+                let _ =
+                    std::fs::remove_file(settings.previous_log_path(&namespace, &name, container));
             }
         }
         self.forget(uid);
