@@ -1020,3 +1020,26 @@ fn kubectl_exec_runs_a_command_in_the_containers_mounts_over_a_websocket() {
     assert!(piped.status.success(), "{}", lossy(&piped.stderr));
     assert_eq!(lossy(&piped.stdout), "through stdin\n");
 }
+
+#[test]
+#[ignore = "needs the real control plane: scripts/test.sh runs it with MULTISITE_KUBE_STATE set"]
+fn a_deleted_node_registers_again_with_a_new_lease() {
+    let state = state();
+    let _agent = Agent::start(&state, &[]);
+    let before = get_json(&state, &["node", "node-c"]).expect("node-c");
+    let old_uid = before["metadata"]["uid"].clone();
+    kubectl(&state, &["delete", "node", "node-c"]);
+    let again = eventually("node-c registered again", LIMIT, || {
+        let node = get_json(&state, &["node", "node-c"])?;
+        let ready = condition(&node, "Ready").as_deref() == Some("True");
+        (node["metadata"]["uid"] != old_uid && ready).then_some(node)
+    });
+    assert_eq!(
+        again["metadata"]["labels"]["topology.kubernetes.io/zone"],
+        "zone-c"
+    );
+    eventually("node-c's lease owned by the new Node", LIMIT, || {
+        let lease = get_json(&state, &["lease", "node-c", "-n", "kube-node-lease"])?;
+        (lease["metadata"]["ownerReferences"][0]["uid"] == again["metadata"]["uid"]).then_some(())
+    });
+}

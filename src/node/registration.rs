@@ -210,7 +210,16 @@ pub(super) async fn heartbeat(node: Arc<NodeCtx>, mut stop: tokio::sync::watch::
             _ = stop.changed() => return,
             _ = ticker.tick() => {}
         }
-        let mut result = renew_lease(&node, &mut lease).await;
+        // After a failure (the Node deleted, the API server away) register afresh: the
+        // Node is created again if it is gone, and the Lease with an owner reference to it.
+        let mut result = if failing {
+            register(&node).await
+        } else {
+            Ok(())
+        };
+        if result.is_ok() {
+            result = renew_lease(&node, &mut lease).await;
+        }
         if result.is_ok() && last_status.elapsed() >= settings.status_interval {
             result = write_status(&node, &since).await;
             if result.is_ok() {
