@@ -263,13 +263,19 @@ impl Drop for Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- the agent's last log lines ---");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+        if !std::thread::panicking() {
+            // Kept after a failure, for its log and the pods' logs.
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return;
+        }
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "--- the agent's last log lines (all of it, and the pods' logs, in {}) ---",
+            self.dir.display()
+        );
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
         }
     }
 }
