@@ -54,7 +54,7 @@ fn c_path(path: &Path) -> Result<CString, NodeError> {
 }
 
 /// Makes `mounts[i].target` exist: inside the source of the nearest earlier mount that
-/// contains it, else on the host (returning the topmost path created there).
+/// contains it, else on the host (returning every path created there).
 fn make_mountpoints(mounts: &[Mount]) -> Result<Vec<PathBuf>, NodeError> {
     let mut created = Vec::new();
     for (index, mount) in mounts.iter().enumerate() {
@@ -74,14 +74,15 @@ fn make_mountpoints(mounts: &[Mount]) -> Result<Vec<PathBuf>, NodeError> {
             continue;
         }
         if enclosing.is_none() {
-            let mut top = target.as_path();
-            while let Some(parent) = top.parent() {
-                if parent.exists() {
-                    break;
+            // Every path about to be made, so that all of them can go again.
+            let mut path = target.as_path();
+            loop {
+                created.push(path.to_path_buf());
+                match path.parent() {
+                    Some(parent) if !parent.exists() => path = parent,
+                    _ => break,
                 }
-                top = parent;
             }
-            created.push(top.to_path_buf());
         }
         let dir = if file {
             target.parent()
@@ -313,7 +314,7 @@ mod tests {
             },
         ];
         let created = make_mountpoints(&mounts).unwrap();
-        assert_eq!(created, vec![base.join("host")]);
+        assert_eq!(created, vec![base.join("host/data"), base.join("host")]);
         assert!(base.join("host/data").is_dir());
         assert!(outer.join("logs").is_dir());
         assert!(!base.join("host/data/logs").exists());

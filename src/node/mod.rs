@@ -379,22 +379,82 @@ pub async fn run(
     Ok(())
 }
 
-/// Removes the (empty) mount points the agent created on the host, deepest first.
+/// The file that remembers the mount points created on the host, so that an agent
+/// started after one that was killed removes them too.
+fn mountpoints_file(settings: &Settings) -> PathBuf {
+    settings.state_dir.join("mountpoints")
+}
+
+/// Records mount points created on the host.
+fn remember_mountpoints(shared: &Shared, created: Vec<PathBuf>) {
+    if created.is_empty() {
+        return;
+    }
+    let mut known = lock(&shared.mountpoints);
+    known.extend(created);
+    let text: String = known.iter().map(|p| format!("{}\n", p.display())).collect();
+    let file = mountpoints_file(&shared.settings);
+    if let Err(error) = std::fs::write(&file, text) {
+        tracing::warn!(%error, file = %file.display(), "cannot record mount points");
+    }
+}
+
+/// Removes the (empty) mount points agents created on the host, deepest first.
 fn remove_mountpoints(shared: &Shared) {
-    let created: Vec<PathBuf> = lock(&shared.mountpoints).iter().cloned().collect();
-    let mut created = created;
+    let file = mountpoints_file(&shared.settings);
+    let mut created: Vec<PathBuf> = lock(&shared.mountpoints).iter().cloned().collect();
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        created.extend(text.lines().filter(|l| !l.is_empty()).map(PathBuf::from));
+    }
+    created.sort();
+    created.dedup();
     created.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    // A directory another process still has something mounted on (the pods of another
+    // agent on this machine share mount points such as
+    // /var/run/secrets/kubernetes.io/serviceaccount) stays: removing it would detach
+    // that mount in the other process's namespace.
+    let busy = mounted_anywhere();
+    let mut left = Vec::new();
     for path in created {
-        let removed = if path.is_dir() {
-            std::fs::remove_dir(&path)
-        } else {
-            match std::fs::metadata(&path) {
-                Ok(m) if m.len() == 0 => std::fs::remove_file(&path),
-                _ => Ok(()),
-            }
+        let resolved = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if busy.contains(&resolved) || busy.contains(&path) {
+            left.push(path);
+            continue;
+        }
+        let removed = match std::fs::symlink_metadata(&path) {
+            Err(_) => Ok(()),
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&path),
+            Ok(m) if m.len() == 0 => std::fs::remove_file(&path),
+            Ok(_) => Ok(()),
         };
         if let Err(error) = removed {
             tracing::debug!(%error, path = %path.display(), "mount point left in place");
+            left.push(path);
         }
     }
+    let text: String = left.iter().map(|p| format!("{}\n", p.display())).collect();
+    let _ = std::fs::write(&file, text);
+}
+
+/// Every mount point of every process's mount namespace on this machine.
+fn mounted_anywhere() -> BTreeSet<PathBuf> {
+    let mut points = BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return points;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(point) = line.split(' ').nth(4) {
+                points.insert(PathBuf::from(point.replace("\\040", " ")));
+            }
+        }
+    }
+    points
 }

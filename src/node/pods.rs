@@ -859,7 +859,7 @@ impl Runtime {
         });
         match result {
             Ok((child, created, env)) => {
-                lock(&self.node.shared.mountpoints).extend(created);
+                super::remember_mountpoints(&self.node.shared, created);
                 if container.started_at.is_some() {
                     container.restart_count += 1;
                 }
