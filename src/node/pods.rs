@@ -898,6 +898,11 @@ impl Runtime {
                     .iter()
                     .any(|p| p.spec.kind == ProbeKind::Readiness);
                 tracing::info!(pod = %label, container = %container.name, pid = ?container.pid, "container started");
+                for probe in &container.probes {
+                    if let super::probes::Check::Unsupported(why) = &probe.spec.check {
+                        tracing::warn!(pod = %label, container = %container.name, kind = ?probe.spec.kind, %why, "probe not run; it counts as passing");
+                    }
+                }
             }
             Err(message) => {
                 errors.insert(format!(

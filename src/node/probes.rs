@@ -1,7 +1,7 @@
 //! Readiness, liveness and startup probes with Kubernetes' defaults: httpGet (a status
 //! in 200..400), tcpSocket (a connection) and exec (the command exits 0, run inside the
-//! container's mount namespace with `nsenter`). gRPC probes are not supported (they
-//! count as failed, and the container's status says why).
+//! container's mount namespace with `nsenter`). gRPC probes, and probes whose port
+//! names no port, are not run: they count as passing, and the agent logs a warning.
 
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -227,7 +227,9 @@ pub(super) async fn run_check(
                     ))
                 }
             }
-            Check::Unsupported(why) => Err(why.clone()),
+            // Counted as passing: a probe the agent cannot run must not kill or hold back
+            // the container (the start logs a warning).
+            Check::Unsupported(_) => Ok(()),
         }
     };
     match tokio::time::timeout(spec.timeout, attempt).await {
