@@ -317,7 +317,7 @@ fn kubectl_on_the_stand_in_and_on_the_real_control_plane() {
     let dir = std::env::temp_dir().join(format!("multisite-differential-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let ns = format!("diff-{}", std::process::id());
+    let ns = format!("diff-{}", common::run_id());
     files(&dir, &ns);
 
     // The stand-in, served from a runtime of its own for the length of the test.

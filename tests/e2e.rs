@@ -130,7 +130,7 @@ impl Env {
                 kube,
                 kubeconfig,
                 // The control plane keeps its objects across runs.
-                namespace: format!("e2e-{name}-{}", std::process::id()),
+                namespace: format!("e2e-{name}-{}", common::run_id()),
                 mode: Mode::Embedded {
                     dev: None,
                     operator: None,

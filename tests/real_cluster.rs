@@ -69,6 +69,27 @@ fn helm(args: &[&str]) -> String {
     all
 }
 
+/// `helm install` of the chart as `release` in `namespace`, watching `fleet`.
+fn install_chart(admin: &Path, release: &str, namespace: &str, fleet: &str, extra: &[&str]) {
+    let watch = format!("watchNamespaces={{{fleet}}}");
+    let mut args = vec![
+        "install",
+        "charts/multisite-operator",
+        "--kubeconfig",
+        admin.to_str().expect("UTF-8"),
+        "--release",
+        release,
+        "-n",
+        namespace,
+        "--create-namespace",
+        "--set",
+        &watch,
+    ];
+    args.extend(extra);
+    let installed = helm(&args);
+    assert!(installed.contains("status deployed"), "{installed}");
+}
+
 /// A kubeconfig for ServiceAccount `sa` of `namespace`: the cluster's URL and CA, a
 /// token from the TokenRequest API.
 fn service_account_kubeconfig(state: &Path, namespace: &str, sa: &str, path: &Path) {
@@ -108,9 +129,9 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
     let state = state();
     let admin = state.join("kubeconfig");
     // Namespaces of this run: one control plane may serve several runs.
-    let namespace = format!("multisite-system-{}", std::process::id());
+    let namespace = format!("operator-{}", common::run_id());
     let namespace = namespace.as_str();
-    let fleet = format!("tracker-{}", std::process::id());
+    let fleet = format!("tracker-{}", common::run_id());
     let fleet = fleet.as_str();
     let release = "ms";
     let sa = "ms-multisite-operator";
@@ -122,20 +143,14 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
     // The chart gives the operator Roles in the namespaces it watches: they come first.
     let (ok, out) = kubectl(&admin, &["create", "namespace", fleet]);
     assert!(ok, "{out}");
-    let installed = helm(&[
-        "install",
-        "charts/multisite-operator",
-        "--kubeconfig",
-        admin.to_str().expect("UTF-8"),
-        "--release",
+    // No operator pod: the operator under test runs here, with the pod's credentials.
+    install_chart(
+        &admin,
         release,
-        "-n",
         namespace,
-        "--create-namespace",
-        "--set",
-        &format!("watchNamespaces={{{fleet}}}"),
-    ]);
-    assert!(installed.contains("status deployed"), "{installed}");
+        fleet,
+        &["--set", "replicaCount=0"],
+    );
     for crd in ["replicafamilies", "replicas", "sites", "schemapackages"] {
         let name = format!("crd/{crd}.multisite.dev");
         let (ok, out) = kubectl(
@@ -335,15 +350,21 @@ fn remove_finalizers(kubeconfig: &Path, namespaces: &[String]) {
     }
 }
 
-/// A node agent of a test, stopped (and its directory removed) with the test.
+/// A node agent of a test, stopped with the test; its Nodes are deleted (a Node whose
+/// agent is gone still takes pods until its lease runs out) and its directory removed.
 struct Agent {
     process: Option<Proc>,
     dir: PathBuf,
+    admin: PathBuf,
+    nodes: Vec<String>,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         drop(self.process.take());
+        for node in &self.nodes {
+            let _ = kubectl(&self.admin, &["delete", "node", node, "--wait=false"]);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -389,6 +410,8 @@ fn start_agent(state: &Path, nodes: &[(&str, &str)], first_address: &str, port: 
     Agent {
         process: Some(Proc(command.spawn().expect("start multisite node"))),
         dir,
+        admin: state.join("kubeconfig"),
+        nodes: nodes.iter().map(|(name, _)| name.to_string()).collect(),
     }
 }
 
@@ -403,8 +426,8 @@ fn start_agent(state: &Path, nodes: &[(&str, &str)], first_address: &str, port: 
 fn the_chart_installed_operator_pod_brings_the_example_fleet_up_across_zones() {
     let state = state();
     let admin = state.join("kubeconfig");
-    let pid = std::process::id();
-    let namespace = format!("multisite-system-{pid}");
+    let pid = common::run_id();
+    let namespace = format!("operator-pod-{pid}");
     let fleet = format!("fleet-{pid}");
     let (namespace, fleet) = (namespace.as_str(), fleet.as_str());
     let release = "fleet";
@@ -438,23 +461,13 @@ fn the_chart_installed_operator_pod_brings_the_example_fleet_up_across_zones() {
     }
     let (ok, out) = kubectl(&admin, &["create", "namespace", fleet]);
     assert!(ok, "{out}");
-    let installed = helm(&[
-        "install",
-        "charts/multisite-operator",
-        "--kubeconfig",
-        admin.to_str().expect("UTF-8"),
-        "--release",
+    install_chart(
+        &admin,
         release,
-        "-n",
         namespace,
-        "--create-namespace",
-        "--set",
-        &format!("watchNamespaces={{{fleet}}}"),
-        "--wait",
-        "--timeout",
-        "120",
-    ]);
-    assert!(installed.contains("status deployed"), "{installed}");
+        fleet,
+        &["--wait", "--timeout", "120"],
+    );
     let operator = wait_for("the operator pod Ready", || {
         let pods = json(
             &admin,

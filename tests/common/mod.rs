@@ -624,3 +624,13 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// A name part unique to this test process on this machine, for objects on a cluster
+/// that outlives the process (process ids are reused; the time makes them differ).
+pub fn run_id() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{}-{}", std::process::id(), seconds % 100_000)
+}

@@ -41,6 +41,19 @@ fn computed(name: &str, priority: i64, compute: fn(&Value) -> Value) -> Column {
     }
 }
 
+/// A string column read at `path`.
+fn at(name: &str, path: &str, priority: i64) -> Column {
+    Column {
+        name: name.into(),
+        kind: "string".into(),
+        format: String::new(),
+        description: String::new(),
+        priority,
+        json_path: path.into(),
+        compute: None,
+    }
+}
+
 fn number(value: &Value) -> i64 {
     value.as_i64().unwrap_or(0)
 }
@@ -165,15 +178,6 @@ fn event_count(event: &Value) -> Value {
 /// The real server's Event columns (what `kubectl get events` prints): no Name or Age
 /// in the default view.
 fn event_columns(mut name: Column) -> Vec<Column> {
-    let at = |title: &str, path: &str, priority: i64| Column {
-        name: title.into(),
-        kind: "string".into(),
-        format: String::new(),
-        description: String::new(),
-        priority,
-        json_path: path.into(),
-        compute: None,
-    };
     name.priority = 1;
     vec![
         computed("Last Seen", 0, event_last_seen),
@@ -194,15 +198,6 @@ fn event_columns(mut name: Column) -> Vec<Column> {
 
 /// The columns between Name and Age of a built-in kind.
 fn builtin_columns(resource: &ResourceKey) -> Vec<Column> {
-    let at = |name: &str, path: &str, priority: i64| Column {
-        name: name.into(),
-        kind: "string".into(),
-        format: String::new(),
-        description: String::new(),
-        priority,
-        json_path: path.into(),
-        compute: None,
-    };
     match (resource.group.as_str(), resource.plural.as_str()) {
         ("", "pods") => vec![
             computed("Ready", 0, pod_ready),
