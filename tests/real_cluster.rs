@@ -287,12 +287,11 @@ fn the_chart_installed_operator_runs_the_fleet_under_real_rbac() {
     });
     assert_eq!(lease["spec"]["holderIdentity"], "operator-under-test");
     let operator_log = std::fs::read_to_string(&log).unwrap_or_default();
-    for refusal in ["forbidden", "Forbidden", "403"] {
-        assert!(
-            !operator_log.contains(refusal),
-            "the operator was refused a request:\n{operator_log}"
-        );
-    }
+    // kube's error for a refusal reads `... is forbidden: ...` with reason Forbidden.
+    assert!(
+        !operator_log.to_lowercase().contains("forbidden"),
+        "the operator was refused a request:\n{operator_log}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
