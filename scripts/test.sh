@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== tools"
+# Every phase's header says how long the run has taken so far (the CI log's timings).
+started=$SECONDS
+phase() { printf '== %s  [%dm%02ds]\n' "$*" $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)); }
+
+phase "tools"
 missing=0
 for tool in cargo rustc python3 git kubectl curl; do
   if path=$(command -v "$tool"); then
@@ -24,7 +28,7 @@ if [[ $missing -ne 0 ]]; then
 fi
 
 if ! python3 -c 'import helm_sdkpy' >/dev/null 2>&1; then
-  echo "== installing helm-sdkpy (Helm's engine, for the chart tests)"
+  phase "installing helm-sdkpy (Helm's engine, for the chart tests)"
   python3 -m pip install --quiet --disable-pip-version-check --ignore-requires-python helm-sdkpy
 fi
 
@@ -33,17 +37,17 @@ if [[ "${MULTISITE_TEST_PREFLIGHT:-}" == 1 ]]; then
   exit 0
 fi
 
-echo "== cargo fmt --check"
+phase "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy --all-targets -- -D warnings"
+phase "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
 # The real Kubernetes CRD server (e2e/apiserver): built from Debian's packages at run
 # time. When it cannot be had for reasons outside the project (archive unreachable,
 # Debian's own sources broken: exit 2) the tests that need it skip, loudly; a build
 # failure of our own main.go fails the run.
-echo "== real API server (e2e/apiserver/up.sh)"
+phase "real API server (e2e/apiserver/up.sh)"
 apiserver_state="$(mktemp -d "${TMPDIR:-/tmp}/multisite-apiserver.XXXXXX")"
 kube_state="$(mktemp -d "${TMPDIR:-/tmp}/multisite-kube.XXXXXX")"
 stop_harnesses() {
@@ -65,7 +69,7 @@ esac
 # kube-scheduler and etcd built from their Go modules (the first time ~9 min on 2 cores,
 # then cached), started with TLS and RBAC. Exit 2: what it needs cannot be had here (Go
 # or the module proxy missing); the tests on it are then NOT RUN, and this says so.
-echo "== real Kubernetes control plane (e2e/kube/up.sh)"
+phase "real Kubernetes control plane (e2e/kube/up.sh)"
 set +e
 e2e/kube/up.sh "$kube_state"
 kube=$?
@@ -76,19 +80,19 @@ case "$kube" in
   *) echo "e2e/kube/up.sh failed (exit $kube)"; exit "$kube" ;;
 esac
 
-echo "== cargo test"
+phase "cargo test"
 cargo test --all-targets --quiet
 
 if [[ -n "${MULTISITE_KUBE_STATE:-}" ]]; then
-  echo "== tests on the real Kubernetes control plane (#[ignore]d without it)"
-  cargo test --quiet --test kube_harness --test real_cluster -- --ignored --test-threads=1
-  echo "== the stand-in against the real control plane: kubectl, command by command (the table)"
+  phase "tests on the real Kubernetes control plane (#[ignore]d without it)"
+  cargo test --quiet --test kube_harness --test real_cluster --test dev_cli -- --ignored --test-threads=1
+  phase "the stand-in against the real control plane: kubectl, command by command (the table)"
   cargo test --quiet --test differential -- --ignored --nocapture
-  echo "== multisite node on the real control plane (tests/node_agent.rs)"
+  phase "multisite node on the real control plane (tests/node_agent.rs)"
   cargo test --quiet --test node_agent -- --ignored --test-threads=1
   # One node agent for the scenarios: three nodes in three zones, the volume provisioner
   # and the default StorageClass `standard`; each scenario runs its own operator.
-  echo "== e2e scenarios on the real control plane, pods run by multisite node"
+  phase "e2e scenarios on the real control plane, pods run by multisite node"
   cargo build --quiet
   # The agent's program and state live outside /tmp: a pod's own mounts (the replicas'
   # /tmp emptyDir) would hide a program or volume source below them in its namespace.
@@ -110,12 +114,13 @@ if [[ -n "${MULTISITE_KUBE_STATE:-}" ]]; then
   MULTISITE_E2E_KUBE_STATE="$kube_state" cargo test --test e2e
   stop_agent
 else
-  echo "!!! NOT RUN: tests/kube_harness.rs, real_cluster.rs, differential.rs, node_agent.rs and the e2e scenarios on the real control plane (no real control plane) !!!"
+  echo "!!! NOT RUN: tests/kube_harness.rs, real_cluster.rs, dev_cli.rs (--kube-binaries), differential.rs, node_agent.rs and the e2e scenarios on the real control plane (no real control plane) !!!"
 fi
 
 if [[ -n "${MULTISITE_APISERVER_STATE:-}" ]]; then
-  echo "== CRD conformance against the real API server (the table)"
+  phase "CRD conformance against the real API server (the table)"
   cargo test --quiet --test conformance -- --nocapture --test-threads=1
-  echo "== e2e scenarios in delegate mode: our custom resources, Leases and Events on the real API server"
+  phase "e2e scenarios in delegate mode: our custom resources, Leases and Events on the real API server"
   MULTISITE_E2E_DELEGATE_STATE="$MULTISITE_APISERVER_STATE" cargo test --test e2e
 fi
+phase "all passed"

@@ -107,7 +107,8 @@ enum Command {
         /// Pods get loopback addresses from this one up.
         #[arg(long, value_name = "IP", default_value = "127.3.0.1")]
         first_pod_address: std::net::Ipv4Addr,
-        /// The kubelet endpoint of the first node; the next nodes take the next ports.
+        /// The kubelet endpoint of the first node; the next nodes take the next ports
+        /// (0: every node a free port).
         #[arg(long, value_name = "PORT", default_value_t = 10250)]
         kubelet_port_base: u16,
         /// Run containers of image REPOSITORY (or an exact image reference) with PROGRAM,
@@ -595,9 +596,23 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum DevCommand {
-    /// Start the embedded cluster: install the CRDs, apply the manifests, write the
+    /// Start a local cluster: install the CRDs, apply the manifests, write the
     /// kubeconfig, print a summary of the fleet as it changes. Ctrl-C or SIGTERM
     /// stops everything; the state stays in --dir and the next `dev up` resumes it.
+    ///
+    /// The cluster is the real Kubernetes control plane (etcd, kube-apiserver,
+    /// kube-controller-manager, kube-scheduler from e2e/kube, built from Kubernetes' Go
+    /// modules on first use: about 9 minutes on 2 cores, then cached) with `multisite
+    /// node` running one Node per zone the Sites name, all as processes of this machine
+    /// (needs root). Where that cannot be had (no Go, no root, no e2e/kube scripts) it
+    /// says why in one line and runs the embedded stand-in API server instead.
+    #[command(after_help = "Examples:
+  multisite dev up -f examples/fleet.yaml
+  multisite dev up -f examples/fleet.yaml --kube-binaries ~/kubernetes/server/bin
+  multisite dev up -f examples/fleet.yaml --stand-in
+  kubectl --kubeconfig .dev-state/kubeconfig get nodes,replicas -A
+
+See docs/dev.md.")]
     Up {
         /// Manifest files or directories to apply (server-side apply); repeatable.
         #[arg(short = 'f', long = "filename", value_name = "PATH")]
@@ -605,9 +620,18 @@ enum DevCommand {
         /// State directory: objects, pod data and logs, kubeconfig.
         #[arg(long, value_name = "DIR", default_value = ".dev-state")]
         dir: PathBuf,
-        /// Address of the API server (port 0 picks a free port).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-        listen: String,
+        /// Run the embedded stand-in API server, not the real control plane.
+        #[arg(long)]
+        stand_in: bool,
+        /// A directory with the official release binaries kube-apiserver,
+        /// kube-controller-manager and kube-scheduler (and etcd, else etcd from PATH):
+        /// used instead of building them from the Go modules.
+        #[arg(long, value_name = "DIR", conflicts_with = "stand_in")]
+        kube_binaries: Option<PathBuf>,
+        /// Address of the stand-in API server (port 0 picks a free port); implies
+        /// --stand-in.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -623,13 +647,14 @@ enum DevCommand {
         /// FILE (created if missing): the RBAC verb, API group, resource, subresource,
         /// namespace and name (or the non-resource URL), the client's User-Agent and
         /// the HTTP status. Shows what a client such as the operator really calls,
-        /// e.g. to check RBAC rules against it.
+        /// e.g. to check RBAC rules against it. Stand-in only: implies --stand-in.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
         /// Delegate mode: serve the groups apiextensions.k8s.io, multisite.dev,
         /// coordination.k8s.io and events.k8s.io from the API server at URL (plain
         /// HTTP, e.g. the one e2e/apiserver/up.sh starts) and core/v1 and apps/v1 here;
-        /// clients still see one API server. The CRDs are installed there.
+        /// clients still see one API server. The CRDs are installed there. Implies
+        /// --stand-in.
         #[arg(long, value_name = "URL")]
         delegate: Option<String>,
     },
@@ -884,6 +909,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     first_pod_address,
                     audit_log,
                     delegate,
+                    stand_in,
+                    kube_binaries,
                 } => {
                     init_logging(log_json);
                     if !first_pod_address.is_loopback() {
@@ -891,15 +918,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             "--first-pod-address {first_pod_address}: pods live on loopback addresses (127.x.y.z)"
                         );
                     }
+                    let stand_in =
+                        stand_in || listen.is_some() || audit_log.is_some() || delegate.is_some();
+                    let defaults = multisite::dev::cluster::UpOptions::new(manifests);
                     let options = multisite::dev::cluster::UpOptions {
-                        listen,
+                        listen: listen.unwrap_or(defaults.listen.clone()),
                         operator: !no_operator,
                         first_pod_address,
                         audit_log,
                         delegate,
-                        ..multisite::dev::cluster::UpOptions::new(manifests)
+                        ..defaults
                     };
-                    runtime()?.block_on(multisite::cmd::dev::up(dir, options))?;
+                    let cluster = if stand_in {
+                        multisite::cmd::dev::Cluster::StandIn
+                    } else {
+                        multisite::cmd::dev::Cluster::Real(multisite::dev::kube::KubeOptions {
+                            harness: None,
+                            binaries: kube_binaries,
+                        })
+                    };
+                    runtime()?.block_on(multisite::cmd::dev::up(dir, options, cluster))?;
                 }
                 DevCommand::Down { dir } => {
                     println!(

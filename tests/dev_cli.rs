@@ -47,7 +47,13 @@ fn up(dir: &Path, manifests: &[&str]) -> Dev {
 
 fn up_with(dir: &Path, manifests: &[&str], extra: &[&str]) -> Dev {
     let _ = std::fs::remove_file(dir.join("kubeconfig"));
-    let mut args = vec!["dev", "up", "--dir", dir.to_str().expect("UTF-8")];
+    let mut args = vec![
+        "dev",
+        "up",
+        "--stand-in",
+        "--dir",
+        dir.to_str().expect("UTF-8"),
+    ];
     args.extend(extra);
     for m in manifests {
         args.extend(["-f", m]);
@@ -273,4 +279,139 @@ fn dev_up_runs_the_operator_that_brings_the_example_fleet_up() {
         "pod processes left running ({left} pid files): {alive}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `dev up ARGS --dir DIR` with its output in DIR/../NAME.out; returns it once
+/// `ready` is in that output (or fails after `limit`).
+fn up_logged(dir: &Path, args: &[&str], ready: &str, limit: Duration) -> (Dev, PathBuf) {
+    let out = dir.with_extension("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_multisite"))
+        .args(["dev", "up", "--dir", dir.to_str().expect("UTF-8")])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&out).expect("output file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dev up");
+    let dev = Dev { child };
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains(ready)
+    {
+        assert!(
+            start.elapsed() < limit,
+            "{ready:?} not printed within {limit:?}:\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (dev, out)
+}
+
+/// Where the real control plane cannot be had (here: `--kube-binaries` names a
+/// directory without them), `dev up` says why in one line and runs the stand-in.
+#[test]
+fn without_the_real_control_plane_dev_up_says_why_and_runs_the_stand_in() {
+    let base = std::env::temp_dir().join(format!("multisite-dev-fallback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let empty = base.join("no-binaries");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let dir = base.join("state");
+    let (dev, out) = up_logged(
+        &dir,
+        &[
+            "--no-operator",
+            "--kube-binaries",
+            empty.to_str().expect("UTF-8"),
+        ],
+        "kubeconfig:",
+        Duration::from_secs(60),
+    );
+    let printed = std::fs::read_to_string(&out).unwrap_or_default();
+    let reasons: Vec<&str> = printed
+        .lines()
+        .filter(|l| l.contains("unavailable"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "{printed}");
+    assert!(
+        reasons[0].contains("kube-apiserver is missing") && reasons[0].contains("stand-in"),
+        "{printed}"
+    );
+    // The stand-in serves plain HTTP; the real control plane TLS.
+    let config = std::fs::read_to_string(dir.join("kubeconfig")).expect("kubeconfig");
+    assert!(config.contains("server: http://"), "{config}");
+    let version = kubectl(&dir, &["get", "crd", "replicafamilies.multisite.dev"]);
+    assert!(version.status.success(), "{}", text(&version.stderr));
+    drop(dev);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// `--kube-binaries DIR` with release binaries (here: those the harness built, found
+/// through the control plane scripts/test.sh started) runs the real control plane from
+/// them, with one node per Site zone; a second run resumes its objects.
+#[test]
+#[ignore = "needs the real control plane's binaries: MULTISITE_KUBE_STATE (scripts/test.sh sets it)"]
+fn dev_up_runs_the_real_control_plane_from_given_binaries_and_resumes_it() {
+    let state = std::env::var("MULTISITE_KUBE_STATE").expect("MULTISITE_KUBE_STATE");
+    let pid = std::fs::read_to_string(Path::new(&state).join("kube-apiserver.pid"))
+        .expect("kube-apiserver.pid");
+    let apiserver = std::fs::read_link(format!("/proc/{}/exe", pid.trim())).expect("its program");
+    let binaries = apiserver.parent().expect("its directory").to_path_buf();
+    let base = std::env::temp_dir().join(format!("multisite-dev-real-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).expect("mkdir");
+    let sites = base.join("sites.yaml");
+    std::fs::write(
+        &sites,
+        "apiVersion: multisite.dev/v1alpha1\nkind: Site\nmetadata: {name: north, namespace: dev-real}\nspec: {zone: north-1}\n---\napiVersion: multisite.dev/v1alpha1\nkind: Site\nmetadata: {name: south, namespace: dev-real}\nspec: {zone: south-1}\n",
+    )
+    .expect("write");
+    let dir = base.join("state");
+    let args = [
+        "--no-operator",
+        "--first-pod-address",
+        "127.94.0.1",
+        "--kube-binaries",
+        binaries.to_str().expect("UTF-8"),
+    ];
+    let mut first = args.to_vec();
+    first.extend(["-f", sites.to_str().expect("UTF-8")]);
+    let (dev, out) = up_logged(&dir, &first, "nodes: ", Duration::from_secs(120));
+    let printed = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(printed.contains("node-north-1 (zone north-1)"), "{printed}");
+    assert!(
+        printed.contains("binaries: ") && printed.contains(binaries.to_str().unwrap()),
+        "{printed}"
+    );
+    let config = std::fs::read_to_string(dir.join("kubeconfig")).expect("kubeconfig");
+    assert!(config.contains("server: https://127.0.0.1:"), "{config}");
+    let nodes = wait_for(
+        &dir,
+        &["get", "nodes", "-L", "topology.kubernetes.io/zone"],
+        "south-1",
+    );
+    assert!(nodes.contains("node-north-1"), "{nodes}");
+    let created = kubectl(&dir, &["create", "configmap", "kept", "-n", "dev-real"]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    drop(dev);
+    // Stopped with everything it started.
+    let left = Command::new("pgrep")
+        .args(["-f", dir.to_str().expect("UTF-8")])
+        .output()
+        .expect("pgrep");
+    assert!(
+        text(&left.stdout).trim().is_empty(),
+        "{}",
+        text(&left.stdout)
+    );
+
+    let (dev, out) = up_logged(&dir, &args, "nodes: ", Duration::from_secs(120));
+    let printed = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(printed.contains("resuming"), "{printed}");
+    let kept = kubectl(&dir, &["get", "configmap", "kept", "-n", "dev-real"]);
+    assert!(kept.status.success(), "{}", text(&kept.stderr));
+    drop(dev);
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -155,6 +155,7 @@ impl Env {
             .args([
                 "dev",
                 "up",
+                "--stand-in",
                 "--no-operator",
                 "--first-pod-address",
                 &first,

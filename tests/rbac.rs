@@ -648,7 +648,7 @@ fn exercise_operator(dir: &Path, started: Instant) -> PathBuf {
     let kubeconfig = dir.join("kubeconfig");
     let mut dev_command = Command::new(BIN);
     dev_command
-        .args(["dev", "up", "--no-operator", "--dir"])
+        .args(["dev", "up", "--stand-in", "--no-operator", "--dir"])
         .arg(dir)
         .arg("--audit-log")
         .arg(&audit)

@@ -159,6 +159,7 @@ fn scale() {
             .args([
                 "dev",
                 "up",
+                "--stand-in",
                 "--no-operator",
                 "--first-pod-address",
                 "127.90.0.1",

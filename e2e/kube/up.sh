@@ -8,7 +8,8 @@
 #
 #   e2e/kube/up.sh STATE_DIR
 #
-# STATE_DIR (made when missing; anything an earlier run left there is replaced):
+# STATE_DIR (made when missing; anything an earlier run left there is replaced, except
+# with MULTISITE_KUBE_KEEP=1, see below):
 #   url                        the API server's URL (https://127.0.0.1:PORT)
 #   kubeconfig                 administrator (O=system:masters), client certificate
 #   versions                   kubernetes, etcd and go versions of the binaries, the server's /version
@@ -31,6 +32,12 @@
 #
 # Environment:
 #   MULTISITE_KUBE_CACHE          the build cache (see install.sh)
+#   MULTISITE_KUBE_BINARIES       a directory with kube-apiserver, kube-controller-manager and
+#                                 kube-scheduler (e.g. the official release binaries) and etcd
+#                                 (there or on PATH): used as they are, nothing is built
+#   MULTISITE_KUBE_KEEP=1         resume the cluster an earlier run left in STATE_DIR: its
+#                                 objects (etcd's data), CAs and ServiceAccount signing key
+#                                 stay; ports, certificates and kubeconfigs are made anew
 #   MULTISITE_KUBE_NODES          node names to make credentials for (default "node-a node-b node-c")
 #   MULTISITE_KUBE_START_TIMEOUT  seconds each program has to become ready (default 120)
 #   MULTISITE_KUBE_SERVICE_CIDR   the service cluster IP range (default 10.96.0.0/16; only
@@ -73,18 +80,51 @@ done
 
 # ---------------------------------------------------------------- binaries
 t=$EPOCHREALTIME
-rc=0
-"$here/install.sh" -q || rc=$?
-[ "$rc" = 0 ] || exit "$rc"
-cache=$(kube_cache_dir "")
-build=$cache/builds/$(kube_build_key)
-bin=$build/bin
+if [ -n "${MULTISITE_KUBE_BINARIES:-}" ]; then
+    # Binaries the user brought: the three of a Kubernetes release, etcd there or on PATH.
+    bin=$(cd "$MULTISITE_KUBE_BINARIES" 2>/dev/null && pwd) ||
+        { echo "kube harness unavailable: MULTISITE_KUBE_BINARIES=$MULTISITE_KUBE_BINARIES is not a directory" >&2; exit 2; }
+    for p in kube-apiserver kube-controller-manager kube-scheduler; do
+        [ -x "$bin/$p" ] || { echo "kube harness unavailable: $bin/$p is missing or not executable" >&2; exit 2; }
+    done
+    if [ ! -x "$bin/etcd" ]; then
+        etcd_path=$(command -v etcd) ||
+            { echo "kube harness unavailable: no etcd in $bin or on PATH (Debian: apt install etcd-server)" >&2; exit 2; }
+        mkdir -p "$state/bin"
+        for p in kube-apiserver kube-controller-manager kube-scheduler; do ln -sf "$bin/$p" "$state/bin/$p"; done
+        ln -sf "$etcd_path" "$state/bin/etcd"
+        bin=$state/bin
+    fi
+    build=$state/binaries
+    mkdir -p "$build"
+    {
+        echo "kubernetes $("$bin/kube-apiserver" --version 2>/dev/null | awk '{ print $2 }')"
+        echo "etcd $("$bin/etcd" --version 2>/dev/null | awk '/etcd Version/ { print "v" $3 }')"
+        echo "binaries $bin"
+    } >"$build/versions"
+else
+    rc=0
+    "$here/install.sh" -q || rc=$?
+    [ "$rc" = 0 ] || exit "$rc"
+    cache=$(kube_cache_dir "")
+    build=$cache/builds/$(kube_build_key)
+    bin=$build/bin
+fi
 say "binaries: $(kube_elapsed "$t") ($bin)"
 
 # ---------------------------------------------------------------- state, ports
-rm -rf "$state/pki" "$state/nodes" "$state/etcd" "$state/kube-apiserver" "$state/kube-controller-manager" "$state/kube-scheduler"
-rm -f "$state"/*.pid "$state"/*.log "$state"/*.kubeconfig "$state/kubeconfig" "$state/url" "$state/versions" "$state/ports"
 pki=$state/pki
+resume=0
+if [ "${MULTISITE_KUBE_KEEP:-}" = 1 ] && [ -f "$pki/ca.key" ] && [ -f "$pki/front-proxy-ca.key" ] &&
+    [ -f "$pki/sa.key" ] && [ -d "$state/etcd/member" ]; then
+    resume=1
+    # The CAs, the ServiceAccount key and etcd's data stay; the rest is made anew.
+    find "$pki" -mindepth 1 -maxdepth 1 ! -name 'ca.*' ! -name 'front-proxy-ca.*' ! -name 'sa.*' -exec rm -rf {} +
+    rm -rf "$state/nodes" "$state/kube-apiserver" "$state/kube-controller-manager" "$state/kube-scheduler"
+else
+    rm -rf "$pki" "$state/nodes" "$state/etcd" "$state/kube-apiserver" "$state/kube-controller-manager" "$state/kube-scheduler"
+fi
+rm -f "$state"/*.pid "$state"/*.log "$state"/*.kubeconfig "$state/kubeconfig" "$state/url" "$state/versions" "$state/ports"
 mkdir -p "$pki" "$state/nodes"
 
 # Free ports, held open together so that they differ, then released for the programs.
@@ -109,7 +149,7 @@ echo "$url" >"$state/url"
 t=$EPOCHREALTIME
 # The first address of the service range: the "kubernetes" Service's cluster IP.
 first_service_ip=$(python3 -c 'import ipaddress, sys; print(ipaddress.ip_network(sys.argv[1], strict=False)[1])' "$service_cidr")
-kube_ca
+[ "$resume" = 1 ] || kube_ca
 kube_cert apiserver "/CN=kube-apiserver" server \
     "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:$first_service_ip"
 kube_cert admin "/O=system:masters/CN=multisite-admin" client
@@ -118,11 +158,13 @@ kube_cert controller-manager "/CN=system:kube-controller-manager" client
 kube_cert scheduler "/CN=system:kube-scheduler" client
 # The aggregation layer's front proxy: a CA of its own (a client certificate from the
 # main CA must not be able to assert any user through request headers).
-kube_ca front-proxy-ca
+[ "$resume" = 1 ] || kube_ca front-proxy-ca
 kube_cert front-proxy-client "/CN=front-proxy-client" client "" front-proxy-ca
-openssl ecparam -name prime256v1 -genkey -noout -out "$pki/sa.key" 2>/dev/null
-openssl ec -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-chmod 600 "$pki/sa.key"
+if [ "$resume" != 1 ]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$pki/sa.key" 2>/dev/null
+    openssl ec -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    chmod 600 "$pki/sa.key"
+fi
 kube_kubeconfig "$state/kubeconfig" "$url" "$pki/admin.crt" "$pki/admin.key" multisite-admin
 kube_kubeconfig "$state/controller-manager.kubeconfig" "$url" "$pki/controller-manager.crt" "$pki/controller-manager.key" system:kube-controller-manager
 kube_kubeconfig "$state/scheduler.kubeconfig" "$url" "$pki/scheduler.crt" "$pki/scheduler.key" system:kube-scheduler
@@ -131,7 +173,11 @@ for n in $nodes; do
     kube_node_credentials "$state" "$n"
     node_count=$((node_count + 1))
 done
-say "certificates: $(kube_elapsed "$t") (CA, API server, admin, controllers, $node_count node credentials)"
+if [ "$resume" = 1 ]; then
+    say "certificates: $(kube_elapsed "$t") (the kept CA's: API server, admin, controllers, $node_count node credentials; resuming etcd's data)"
+else
+    say "certificates: $(kube_elapsed "$t") (CA, API server, admin, controllers, $node_count node credentials)"
+fi
 
 # ---------------------------------------------------------------- processes
 started=()

@@ -1,20 +1,53 @@
 //! `multisite dev up|down`: the embedded cluster from the command line.
 
 use crate::dev::cluster::{self, StateDir};
+use crate::dev::kube;
 use anyhow::{Context, bail};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Which cluster `dev up` runs.
+pub enum Cluster {
+    /// The embedded stand-in API server and its process kubelet.
+    StandIn,
+    /// The real control plane where it can be had, else the stand-in.
+    Real(kube::KubeOptions),
+}
+
 /// `dev up`: runs until SIGINT or SIGTERM.
-pub async fn up(dir: PathBuf, options: cluster::UpOptions) -> anyhow::Result<()> {
+pub async fn up(dir: PathBuf, options: cluster::UpOptions, which: Cluster) -> anyhow::Result<()> {
     let state = StateDir::new(dir)?;
-    cluster::up(
-        &state,
-        &options,
-        crate::cmd::replica::shutdown_signal(),
-        |line| println!("{line}"),
-    )
-    .await?;
+    // One signal, seen by whichever cluster runs (and by the real one while it starts).
+    let (signalled, signal) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::cmd::replica::shutdown_signal().await;
+        let _ = signalled.send(true);
+    });
+    let shutdown = move || {
+        let mut signal = signal.clone();
+        async move {
+            let _ = signal.wait_for(|s| *s).await;
+        }
+    };
+    if let Cluster::Real(kube_options) = &which {
+        match kube::up(&state, &options, kube_options, shutdown(), |line| {
+            println!("{line}")
+        })
+        .await?
+        {
+            kube::Outcome::Ran => {
+                println!(
+                    "dev cluster stopped; its state stays in {}",
+                    state.0.display()
+                );
+                return Ok(());
+            }
+            kube::Outcome::Unavailable(reason) => println!(
+                "real Kubernetes control plane unavailable ({reason}): running the embedded stand-in instead (--stand-in skips this check)"
+            ),
+        }
+    }
+    cluster::up(&state, &options, shutdown(), |line| println!("{line}")).await?;
     println!(
         "dev cluster stopped; its state stays in {}",
         state.0.display()

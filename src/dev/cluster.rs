@@ -332,6 +332,33 @@ pub fn summary(server: &ApiServer) -> String {
     })
 }
 
+/// Reports the line `summary` makes every 2 s when it has changed, until `stopped`
+/// turns true.
+pub fn spawn_summaries<F, Fut>(
+    mut summary: F,
+    report: impl Fn(&str) + Send + Sync + 'static,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
+    tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            let line = summary().await;
+            if line != last {
+                report(&line);
+                last = line;
+            }
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+        }
+    })
+}
+
 /// How `dev up` runs.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -360,6 +387,21 @@ impl UpOptions {
             audit_log: None,
             delegate: None,
         }
+    }
+}
+
+/// The operator `dev up` runs in its own process: every namespace, the default image
+/// (which the process kubelets map to this program), no leader election or metrics.
+pub fn operator_settings() -> crate::operator::Settings {
+    crate::operator::Settings {
+        namespaces: Vec::new(),
+        image: crate::operator::builders::Image {
+            reference: crate::operator::default_image(),
+            pull_policy: "IfNotPresent".into(),
+        },
+        election: None,
+        metrics_addr: None,
+        identity: "multisite-dev".into(),
     }
 }
 
@@ -449,16 +491,7 @@ pub async fn up(
     // The unchanged operator, talking to this API server through kube's client.
     let operator_task = operator.then(|| {
         report("operator running in this process (--no-operator to run your own)");
-        let settings = crate::operator::Settings {
-            namespaces: Vec::new(),
-            image: crate::operator::builders::Image {
-                reference: crate::operator::default_image(),
-                pull_policy: "IfNotPresent".into(),
-            },
-            election: None,
-            metrics_addr: None,
-            identity: "multisite-dev".into(),
-        };
+        let settings = operator_settings();
         let mut config = kube::Config::new(client_uri.clone());
         if let Ok(agent) = hyper::http::HeaderValue::from_str(crate::operator::USER_AGENT) {
             config
@@ -486,21 +519,14 @@ pub async fn up(
     ));
     let summaries = {
         let server = server.clone();
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            let mut last = String::new();
-            loop {
-                let line = summary(&server);
-                if line != last {
-                    report(&line);
-                    last = line;
-                }
-                tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => break,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                }
-            }
-        })
+        spawn_summaries(
+            move || {
+                let server = server.clone();
+                async move { summary(&server) }
+            },
+            report,
+            stopped.clone(),
+        )
     };
     shutdown.await;
     let _ = stop.send(true);

@@ -20,6 +20,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod kube;
 pub mod names;
 pub mod objects;
 pub mod selectors;

@@ -49,7 +49,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Pod addresses are the lowest free ones from here up.
     pub first_pod_address: Ipv4Addr,
-    /// Node number `i` (in the order given) serves the kubelet API on `base + i`.
+    /// Node number `i` (in the order given) serves the kubelet API on `base + i`; 0: on
+    /// free ports.
     pub kubelet_port_base: u16,
     pub images: ImageMap,
     /// A credential allowed to manage PersistentVolumes (and read claims and storage
@@ -326,18 +327,28 @@ pub async fn run(
         cluster: cluster.clone(),
     });
     let mut nodes = Vec::new();
+    let mut listeners = Vec::new();
     for (index, node) in settings.nodes.iter().enumerate() {
         let kubeconfig = settings.credentials.join(&node.name).join("kubeconfig");
         let (client, config) = client_from_kubeconfig(&kubeconfig).await?;
         let api_host = config.cluster_url.host().unwrap_or("127.0.0.1").to_string();
         let api_port = config.cluster_url.port_u16().unwrap_or(443);
         let index = u16::try_from(index).unwrap_or(u16::MAX);
-        let port = settings
-            .kubelet_port_base
-            .checked_add(index)
-            .ok_or_else(|| {
+        // Base 0: every node a free port of the system's choosing.
+        let wanted = match settings.kubelet_port_base {
+            0 => 0,
+            base => base.checked_add(index).ok_or_else(|| {
                 NodeError::Invalid("--kubelet-port-base leaves no port for every node".into())
-            })?;
+            })?,
+        };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", wanted))
+            .await
+            .map_err(|e| NodeError::Invalid(format!("kubelet port {wanted}: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| NodeError::Invalid(format!("kubelet port {wanted}: {e}")))?
+            .port();
+        listeners.push(listener);
         nodes.push(Arc::new(NodeCtx {
             name: node.name.clone(),
             zone: node.zone.clone(),
@@ -351,11 +362,8 @@ pub async fn run(
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    for node in &nodes {
+    for (node, listener) in nodes.iter().zip(listeners) {
         let tls = server::tls_config(node, &settings.credentials)?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", node.port))
-            .await
-            .map_err(|e| NodeError::Invalid(format!("kubelet port {}: {e}", node.port)))?;
         registration::register(node).await?;
         tasks.spawn(registration::heartbeat(node.clone(), stop_rx.clone()));
         tasks.spawn(server::serve(node.clone(), listener, tls, stop_rx.clone()));

@@ -263,7 +263,7 @@ fn pod_not_serving(
 
 /// Whether an error answer is a pod waiting for its bootstrap.
 fn awaiting_bootstrap(error: &HttpError) -> bool {
-    matches!(error, HttpError::Status { status: 503, message } if message.contains("bootstrap"))
+    matches!(error, HttpError::AwaitingBootstrap(_))
 }
 
 /// Sets the finalizers to `finalizers`, if the object is still at the version read
@@ -485,7 +485,7 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
             }
             Ok(Action::requeue(Duration::from_secs(5)))
         }
-        Err(error) if awaiting_bootstrap(&error) => {
+        Err(HttpError::AwaitingBootstrap(waiting)) => {
             status.reachable = Some(true);
             let members = ctx.members(&namespace, &replica.spec.family);
             let plan = bootstrap_plan(replica, &family, &members);
@@ -527,7 +527,7 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
                     return Ok(Action::requeue(Duration::from_secs(30)));
                 }
             };
-            let running = error.to_string().contains("is bootstrapping");
+            let running = waiting.running.is_some();
             if let Some(request) = request.filter(|_| !running) {
                 let body = serde_json::to_vec(&request)?;
                 match client
@@ -555,8 +555,8 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
                 }
             }
             status.phase = Some(ReplicaPhase::Bootstrapping);
-            let failed = error.to_string();
-            let degraded = failed.contains("last attempt failed");
+            let failed = waiting.error.clone();
+            let degraded = !running && waiting.last_error.is_some();
             conditions(
                 &mut status,
                 generation,

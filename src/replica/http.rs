@@ -29,6 +29,10 @@ pub enum HttpError {
     Status { status: u16, message: String },
     #[error("{url} answered with something that is not the expected JSON: {reason}")]
     BadAnswer { url: String, reason: String },
+    /// The pod serves no replica yet: it waits for its bootstrap (its `503` answer,
+    /// read as the typed state it sends).
+    #[error("{}", .0.error)]
+    AwaitingBootstrap(Box<crate::replica::bootstrap::BootstrapState>),
 }
 
 /// A client for one family: it carries the API token and, for record calls, a release.
@@ -147,6 +151,13 @@ impl ReplicaClient {
         if status.is_success() {
             return Ok(bytes.to_vec());
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && let Ok(state) =
+                serde_json::from_slice::<crate::replica::bootstrap::BootstrapState>(&bytes)
+            && state.awaiting_bootstrap
+        {
+            return Err(HttpError::AwaitingBootstrap(Box::new(state)));
+        }
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| {
@@ -213,4 +224,87 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// Whether an HTTP status means "refused by the rules" (so the CLI exits non-zero with it).
 pub fn is_conflict(status: u16) -> bool {
     status == StatusCode::CONFLICT.as_u16()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::bootstrap::BootstrapState;
+
+    /// Serves `status` with `body` on every path; returns the base URL.
+    async fn answering(status: StatusCode, body: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move { (status, body) }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+
+    fn waiting(running: Option<&str>, last_error: Option<&str>) -> BootstrapState {
+        BootstrapState {
+            family: "f".into(),
+            replica: "r".into(),
+            awaiting_bootstrap: true,
+            running: running.map(Into::into),
+            last_error: last_error.map(Into::into),
+            error: "replica r awaits bootstrap".into(),
+        }
+    }
+
+    /// A waiting pod's 503 is read as its typed state, not as text to match.
+    #[tokio::test]
+    async fn a_waiting_pod_answers_with_its_typed_state() {
+        let client = ReplicaClient::new("t".into(), None);
+        for state in [
+            waiting(None, None),
+            waiting(Some("cloning from a"), None),
+            waiting(None, Some("source unreachable")),
+        ] {
+            let base = answering(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::to_string(&state).unwrap(),
+            )
+            .await;
+            match client
+                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .await
+            {
+                Err(HttpError::AwaitingBootstrap(got)) => assert_eq!(*got, state),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Other 503 answers, and a body that only looks alike, stay plain status errors.
+    #[tokio::test]
+    async fn other_unavailable_answers_are_status_errors() {
+        let client = ReplicaClient::new("t".into(), None);
+        let mut not_waiting = serde_json::to_value(waiting(None, None)).unwrap();
+        not_waiting["awaitingBootstrap"] = false.into();
+        for (status, body) in [
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"awaiting bootstrap soon"}"#.to_string(),
+            ),
+            (StatusCode::SERVICE_UNAVAILABLE, not_waiting.to_string()),
+            (
+                StatusCode::CONFLICT,
+                serde_json::to_string(&waiting(None, None)).unwrap(),
+            ),
+        ] {
+            let base = answering(status, body.clone()).await;
+            match client
+                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .await
+            {
+                Err(HttpError::Status { status: got, .. }) => {
+                    assert_eq!(got, status.as_u16(), "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
 }

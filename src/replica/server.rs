@@ -80,6 +80,7 @@ impl From<HttpError> for ApiError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             HttpError::BadUrl { .. } => StatusCode::BAD_REQUEST,
+            HttpError::AwaitingBootstrap(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         };
         ApiError::new(status, err.to_string())
