@@ -322,6 +322,27 @@ fn readme_commands_work_in_a_fresh_clone() {
                 .any(|l| l.starts_with("sampl-tokyo-0 ") && l.contains("node-asia-northeast1-a")),
             "{pods}"
         );
+        // The commands people type first, which the stand-in refuses or lacks.
+        for (command, expect) in [
+            ("create namespace fresh-x", "namespace/fresh-x created"),
+            (
+                "create secret generic s -n fresh-x --from-literal=a=b",
+                "secret/s created",
+            ),
+            (
+                "apply --server-side -f crds/ --field-manager=first",
+                "serverside-applied",
+            ),
+            (
+                "apply --server-side -f crds/ --field-manager=second",
+                "serverside-applied",
+            ),
+        ] {
+            let out = poll(&clone, &kubectl(command), Duration::from_secs(10), |out| {
+                out.contains(expect)
+            });
+            assert!(out.contains(expect), "kubectl {command}: {out}");
+        }
     } else {
         eprintln!(
             "!!! no real control plane here (MULTISITE_KUBE_STATE unset): README's command ran on the stand-in"
