@@ -51,7 +51,9 @@ pub struct Ctx {
     pub manual: Mutex<Vec<ManualRequest>>,
     /// Consecutive failures per object, for the back-off of the error policy.
     pub failures: Mutex<HashMap<String, u32>>,
-    tokens: Mutex<HashMap<FamilyKey, String>>,
+    /// One replica client per family: its token, and one connection pool that every
+    /// call to the family's replicas shares.
+    replica_clients: Mutex<HashMap<FamilyKey, ReplicaClient>>,
     /// Families whose Secret this process has seen or made, so it is not read again
     /// on every reconcile.
     secrets: Mutex<std::collections::HashSet<FamilyKey>>,
@@ -88,7 +90,7 @@ impl Ctx {
             topology_errors: Mutex::default(),
             manual: Mutex::default(),
             failures: Mutex::default(),
-            tokens: Mutex::default(),
+            replica_clients: Mutex::default(),
             secrets: Mutex::default(),
             announced: Mutex::default(),
             plans: Mutex::default(),
@@ -270,41 +272,39 @@ impl Ctx {
         family: &str,
     ) -> Result<ReplicaClient, OperatorError> {
         let key = (namespace.to_string(), family.to_string());
-        let cached = locked(&self.tokens).get(&key).cloned();
-        let token = match cached {
-            Some(token) => token,
-            None => {
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-                let name = builders::secret_name(family);
-                let secret = api.get_opt(&name).await?.ok_or_else(|| {
-                    OperatorError::Secret(format!("Secret {namespace}/{name} does not exist yet"))
-                })?;
-                let bytes = secret
-                    .data
+        if let Some(client) = locked(&self.replica_clients).get(&key).cloned() {
+            return Ok(client);
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let name = builders::secret_name(family);
+        let secret = api.get_opt(&name).await?.ok_or_else(|| {
+            OperatorError::Secret(format!("Secret {namespace}/{name} does not exist yet"))
+        })?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(builders::SECRET_KEY))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
                     .as_ref()
                     .and_then(|d| d.get(builders::SECRET_KEY))
-                    .map(|b| b.0.clone())
-                    .or_else(|| {
-                        secret
-                            .string_data
-                            .as_ref()
-                            .and_then(|d| d.get(builders::SECRET_KEY))
-                            .map(|s| s.clone().into_bytes())
-                    })
-                    .ok_or_else(|| {
-                        OperatorError::Secret(format!(
-                            "Secret {namespace}/{name} has no key {:?}",
-                            builders::SECRET_KEY
-                        ))
-                    })?;
-                let secret = crate::replica::secret::from_bytes(&bytes).map_err(|reason| {
-                    OperatorError::Secret(format!("Secret {namespace}/{name}: {reason}"))
-                })?;
-                locked(&self.tokens).insert(key, secret.api_token.clone());
-                secret.api_token
-            }
-        };
-        Ok(ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30)))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .ok_or_else(|| {
+                OperatorError::Secret(format!(
+                    "Secret {namespace}/{name} has no key {:?}",
+                    builders::SECRET_KEY
+                ))
+            })?;
+        let secret = crate::replica::secret::from_bytes(&bytes).map_err(|reason| {
+            OperatorError::Secret(format!("Secret {namespace}/{name}: {reason}"))
+        })?;
+        let token = secret.api_token;
+        let client = ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30));
+        locked(&self.replica_clients).insert(key, client.clone());
+        Ok(client)
     }
 }
 

@@ -243,6 +243,40 @@ mod tests {
         base
     }
 
+    /// A client and its clones share one connection pool: calls one after another
+    /// reuse one connection instead of opening a new one each.
+    #[tokio::test]
+    async fn clones_of_a_client_reuse_one_connection() {
+        use axum::serve::{Listener, ListenerExt};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .tap_io(move |_| {
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(|| async { "{}" });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = ReplicaClient::new("t".into(), None);
+        for _ in 0..5 {
+            let clone = client.clone().with_timeout(Duration::from_secs(5));
+            clone
+                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .await
+                .unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // A client made anew opens a connection of its own.
+        ReplicaClient::new("t".into(), None)
+            .get_json::<serde_json::Value>(&base, "/v1/status")
+            .await
+            .unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     fn waiting(running: Option<&str>, last_error: Option<&str>) -> BootstrapState {
         BootstrapState {
             family: "f".into(),
