@@ -29,25 +29,27 @@ pub async fn up(dir: PathBuf, options: cluster::UpOptions, which: Cluster) -> an
             let _ = signal.wait_for(|s| *s).await;
         }
     };
-    if let Cluster::Real(kube_options) = &which {
-        match kube::up(&state, &options, kube_options, shutdown(), |line| {
-            println!("{line}")
-        })
-        .await?
-        {
-            kube::Outcome::Ran => {
-                println!(
-                    "dev cluster stopped; its state stays in {}",
-                    state.0.display()
-                );
-                return Ok(());
+    let ran_real = match &which {
+        Cluster::StandIn => false,
+        Cluster::Real(kube_options) => {
+            match kube::up(&state, &options, kube_options, shutdown(), |line| {
+                println!("{line}")
+            })
+            .await?
+            {
+                kube::Outcome::Ran => true,
+                kube::Outcome::Unavailable(reason) => {
+                    println!(
+                        "real Kubernetes control plane unavailable ({reason}): running the embedded stand-in instead (--stand-in skips this check)"
+                    );
+                    false
+                }
             }
-            kube::Outcome::Unavailable(reason) => println!(
-                "real Kubernetes control plane unavailable ({reason}): running the embedded stand-in instead (--stand-in skips this check)"
-            ),
         }
+    };
+    if !ran_real {
+        cluster::up(&state, &options, shutdown(), |line| println!("{line}")).await?;
     }
-    cluster::up(&state, &options, shutdown(), |line| println!("{line}")).await?;
     println!(
         "dev cluster stopped; its state stays in {}",
         state.0.display()

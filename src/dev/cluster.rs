@@ -405,6 +405,28 @@ pub fn operator_settings() -> crate::operator::Settings {
     }
 }
 
+/// Makes the in-process operator's requests say who sends them (as `multisite
+/// operator` does), so audit logs tell them from `dev up`'s own.
+pub fn present_operator_agent(config: &mut kube::Config) {
+    config.headers.push((
+        hyper::http::header::USER_AGENT,
+        hyper::http::HeaderValue::from_static(crate::operator::USER_AGENT),
+    ));
+}
+
+/// Waits for the in-process operator (if one runs) to stop, logging how it ended.
+pub async fn join_operator(
+    task: Option<tokio::task::JoinHandle<Result<(), crate::operator::OperatorError>>>,
+) {
+    if let Some(task) = task {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the operator stopped"),
+            Err(e) => tracing::error!(error = %e, "the operator task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
 /// Runs the dev cluster until `shutdown` completes. `report` receives the lines a
 /// person should see (kubeconfig path, what was applied, fleet summaries).
 pub async fn up(
@@ -493,11 +515,7 @@ pub async fn up(
         report("operator running in this process (--no-operator to run your own)");
         let settings = operator_settings();
         let mut config = kube::Config::new(client_uri.clone());
-        if let Ok(agent) = hyper::http::HeaderValue::from_str(crate::operator::USER_AGENT) {
-            config
-                .headers
-                .push((hyper::http::header::USER_AGENT, agent));
-        }
+        present_operator_agent(&mut config);
         let operator_client = kube::Client::try_from(config).unwrap_or_else(|_| client.clone());
         tokio::spawn(crate::operator::run(
             operator_client,
@@ -530,13 +548,7 @@ pub async fn up(
     };
     shutdown.await;
     let _ = stop.send(true);
-    if let Some(task) = operator_task {
-        match task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the operator stopped"),
-            Err(e) => tracing::error!(error = %e, "the operator task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
+    join_operator(operator_task).await;
     let runner_result = runner.await;
     let _ = serving.await;
     let _ = summaries.await;

@@ -266,11 +266,9 @@ pub fn node_name(zone: &str) -> String {
         })
         .collect();
     let trimmed = cleaned.trim_matches(['-', '.']);
-    let name = format!("node-{trimmed}");
-    name.trim_end_matches(['-', '.'])
-        .chars()
-        .take(253)
-        .collect()
+    // Cut to the longest name Kubernetes takes, then end on a letter or digit again.
+    let name: String = format!("node-{trimmed}").chars().take(253).collect();
+    name.trim_end_matches(['-', '.']).to_string()
 }
 
 /// The zones to make nodes for: every zone the cluster's Sites name, or
@@ -308,22 +306,6 @@ fn kube_error(what: &str, e: impl std::fmt::Display) -> ClusterError {
     ClusterError::ApiServer(format!("{what}: {e}"))
 }
 
-async fn client_from(path: &Path, user_agent: Option<&str>) -> Result<kube::Client, ClusterError> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| kube_error(&path.display().to_string(), e))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .map_err(|e| kube_error(&path.display().to_string(), e))?;
-    if let Some(agent) = user_agent
-        && let Ok(value) = hyper::http::HeaderValue::from_str(agent)
-    {
-        config
-            .headers
-            .push((hyper::http::header::USER_AGENT, value));
-    }
-    kube::Client::try_from(config).map_err(|e| kube_error("the API client", e))
-}
-
 async fn run_on(
     state: &StateDir,
     plane: &ControlPlane,
@@ -338,7 +320,9 @@ async fn run_on(
         path: state.kubeconfig().display().to_string(),
         reason: e.to_string(),
     })?;
-    let client = client_from(&admin, None).await?;
+    let (client, config) = crate::node::client_from_kubeconfig(&admin)
+        .await
+        .map_err(|e| kube_error("the administrator's kubeconfig", e))?;
     for line in cluster::apply_all(&client, &files).await? {
         report(&format!("applied {line}"));
     }
@@ -390,7 +374,10 @@ async fn run_on(
 
     let operator_task = if options.operator {
         report("operator running in this process (--no-operator to run your own)");
-        let operator_client = client_from(&admin, Some(crate::operator::USER_AGENT)).await?;
+        let mut config = config;
+        cluster::present_operator_agent(&mut config);
+        let operator_client =
+            kube::Client::try_from(config).map_err(|e| kube_error("the operator's client", e))?;
         Some(tokio::spawn(crate::operator::run(
             operator_client,
             cluster::operator_settings(),
@@ -417,13 +404,7 @@ async fn run_on(
         result = &mut agent => Some(result),
     };
     let _ = stop.send(true);
-    if let Some(task) = operator_task {
-        match task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the operator stopped"),
-            Err(e) => tracing::error!(error = %e, "the operator task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
+    cluster::join_operator(operator_task).await;
     let agent_result = match agent_result {
         Some(result) => result,
         None => agent.await,
@@ -515,6 +496,9 @@ mod tests {
         }
         let long = "z".repeat(400);
         assert_eq!(node_name(&long).len(), 253);
+        // Cut where a '-' falls: the name still ends on a letter.
+        let cut = format!("{}-b", "z".repeat(247));
+        assert_eq!(node_name(&cut), format!("node-{}", "z".repeat(247)));
     }
 
     #[test]
