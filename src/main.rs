@@ -967,12 +967,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Digest { replica, access } => runtime()?.block_on(async move {
             let (client, _) = connect(&access)?;
-            let answer: serde_json::Value = client.get_json(&replica, "/v1/digest").await?;
+            let answer = client.digest(&replica).await?;
             println!(
                 "{} {} {} items",
-                answer["replica"].as_str().unwrap_or("?"),
-                answer["digest"].as_str().unwrap_or("?"),
-                answer["items"]
+                answer.replica, answer.digest, answer.items
             );
             Ok(ExitCode::SUCCESS)
         }),
@@ -1052,7 +1050,7 @@ fn init_logging(json: bool) {
 fn connect(
     access: &Access,
 ) -> anyhow::Result<(
-    multisite::replica::http::ReplicaClient,
+    multisite::replica::api::ReplicaClient,
     multisite::domain::compat::Compatibility,
 )> {
     let compat = multisite::domain::compat::Compatibility::builtin();
@@ -1158,13 +1156,7 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             access,
         } => {
             let (client, _) = connect(&access)?;
-            let status: multisite::replica::server::StatusReport =
-                runtime()?.block_on(client.send_json(
-                    hyper::Method::POST,
-                    &replica,
-                    &format!("/v1/members/{gone}/forget"),
-                    &serde_json::json!(null),
-                ))?;
+            let status = runtime()?.block_on(client.forget_member(&replica, &gone))?;
             println!(
                 "replica {gone} is recorded as gone at {}; take its items over with `multisite mastership move --replica {replica} ID --force`",
                 status.replica
@@ -1201,8 +1193,7 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             access,
         } => {
             let (client, _) = connect(&access)?;
-            let status: multisite::replica::server::StatusReport =
-                runtime()?.block_on(client.get_json(&replica, "/v1/status"))?;
+            let status = runtime()?.block_on(client.status(&replica))?;
             print!("{}", r::render_status(&status, output)?);
         }
     }
@@ -1211,8 +1202,7 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
 
 async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
     use multisite::cmd::replica as r;
-    use multisite::replica::server::ItemView;
-    use serde_json::json;
+    use multisite::replica::api::{CreateItem, ItemQuery, UpdateItem};
     let item_args = match &command {
         RecordsCommand::Create { item, .. }
         | RecordsCommand::Get { item, .. }
@@ -1224,7 +1214,7 @@ async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
     let (client, _) = connect(&item_args.access)?;
     let base = item_args.replica.clone();
     let output = item_args.output;
-    let coll = r::collection(item_args.kind.into());
+    let kind = item_args.kind.into();
     match command {
         RecordsCommand::Create {
             item_type,
@@ -1232,18 +1222,19 @@ async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
             owner,
             ..
         } => {
-            let body =
-                json!({"type": item_type, "fields": r::parse_fields(&fields)?, "owner": owner});
-            let created: ItemView = client
-                .send_json(hyper::Method::POST, &base, &format!("/v1/{coll}"), &body)
-                .await?;
+            let item = CreateItem {
+                item_type,
+                fields: r::parse_fields(&fields)?,
+                owner,
+            };
+            let created = client.create_item(&base, kind, &item).await?;
             match output {
                 r::Output::Json => print!("{}", r::render_item(&created, output)?),
                 r::Output::Table => println!("{}", created.id),
             }
         }
         RecordsCommand::Get { id, .. } => {
-            let item: ItemView = client.get_json(&base, &format!("/v1/{coll}/{id}")).await?;
+            let item = client.get_item(&base, kind, &id).await?;
             print!("{}", r::render_item(&item, output)?);
         }
         RecordsCommand::Update { id, fields, .. } => {
@@ -1253,44 +1244,25 @@ async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
                     *v = serde_json::Value::Null;
                 }
             }
-            let item: ItemView = client
-                .send_json(
-                    hyper::Method::PATCH,
-                    &base,
-                    &format!("/v1/{coll}/{id}"),
-                    &json!({"fields": values}),
-                )
-                .await?;
+            let update = UpdateItem { fields: values };
+            let item = client.update_item(&base, kind, &id, &update).await?;
             print!("{}", r::render_item(&item, output)?);
         }
         RecordsCommand::Delete { id, .. } => {
-            let item: ItemView = client
-                .send_json(
-                    hyper::Method::DELETE,
-                    &base,
-                    &format!("/v1/{coll}/{id}"),
-                    &json!(null),
-                )
-                .await?;
+            let item = client.delete_item(&base, kind, &id).await?;
             print!("{}", r::render_item(&item, output)?);
         }
         RecordsCommand::Query {
             item_type, fields, ..
         } => {
-            let mut query: Vec<String> = Vec::new();
-            if let Some(t) = &item_type {
-                query.push(format!("type={}", encode(t)));
-            }
-            for (name, value) in r::parse_fields(&fields)? {
-                query.push(format!(
-                    "field.{}={}",
-                    encode(&name),
-                    encode(value.as_str().unwrap_or(""))
-                ));
-            }
-            let items: Vec<ItemView> = client
-                .get_json(&base, &format!("/v1/{coll}?{}", query.join("&")))
-                .await?;
+            let query = ItemQuery {
+                item_type,
+                fields: r::parse_fields(&fields)?
+                    .into_iter()
+                    .map(|(name, value)| (name, value.as_str().unwrap_or("").to_string()))
+                    .collect(),
+            };
+            let items = client.list_items(&base, kind, &query).await?;
             match output {
                 r::Output::Json => println!("{}", serde_json::to_string_pretty(&items)?),
                 r::Output::Table => {
@@ -1301,30 +1273,16 @@ async fn records_command(command: RecordsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         RecordsCommand::History { id, .. } => {
-            let entries: serde_json::Value = client
-                .get_json(&base, &format!("/v1/{coll}/{id}/history"))
-                .await?;
+            let entries = client.item_history(&base, kind, &id).await?;
             println!("{}", serde_json::to_string_pretty(&entries)?);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Percent-encodes a query value.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 async fn mastership_command(command: MastershipCommand) -> anyhow::Result<ExitCode> {
     use multisite::cmd::replica as r;
-    use multisite::replica::server::ItemView;
+    use multisite::replica::api::MoveMastership;
     let MastershipCommand::Move {
         item,
         id,
@@ -1332,14 +1290,9 @@ async fn mastership_command(command: MastershipCommand) -> anyhow::Result<ExitCo
         force,
     } = command;
     let (client, _) = connect(&item.access)?;
-    let coll = r::collection(item.kind.into());
-    let moved: Vec<ItemView> = client
-        .send_json(
-            hyper::Method::POST,
-            &item.replica,
-            &format!("/v1/{coll}/{id}/mastership"),
-            &serde_json::json!({"to": to, "force": force}),
-        )
+    let request = MoveMastership { to, force };
+    let moved = client
+        .move_mastership(&item.replica, item.kind.into(), &id, &request)
         .await?;
     match item.output {
         r::Output::Json => println!("{}", serde_json::to_string_pretty(&moved)?),
@@ -1400,16 +1353,14 @@ async fn sync_command(command: SyncCommand) -> anyhow::Result<ExitCode> {
             let (client, _) = connect(&access)?;
             let text = std::fs::read_to_string(&report)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", report.display()))?;
-            let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                anyhow::anyhow!("{} is not an import report: {e}", report.display())
-            })?;
-            let answer: serde_json::Value = client
-                .send_json(hyper::Method::POST, &replica, "/v1/sync/acknowledge", &body)
-                .await?;
+            let body: multisite::replica::api::ImportReport =
+                serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("{} is not an import report: {e}", report.display())
+                })?;
+            let answer = client.acknowledge(&replica, &body).await?;
             println!(
                 "{} recorded what {} holds",
-                answer["replica"].as_str().unwrap_or("?"),
-                answer["acknowledged"].as_str().unwrap_or("?")
+                answer.replica, answer.acknowledged
             );
         }
     }

@@ -23,7 +23,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use multisite::api::{Replica, ReplicaFamily, ReplicaPhase};
-use multisite::replica::http::ReplicaClient;
+use multisite::packet::change::ItemKind;
+use multisite::replica::api::{Digest, ItemQuery, ReplicaClient, UpdateItem};
+use multisite::replica::http::HttpClient;
 use outside_system::OutsideSystem;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -529,10 +531,7 @@ impl Env {
     fn wait_serving(&self, client: &ReplicaClient, name: &str) {
         self.wait(&format!("{name} serves again"), || {
             let url = self.url(name);
-            self.rt
-                .block_on(client.get_json::<Value>(&url, "/v1/status"))
-                .ok()
-                .map(|_| ())
+            self.rt.block_on(client.status(&url)).ok().map(|_| ())
         });
     }
 
@@ -542,12 +541,12 @@ impl Env {
         self.rt.block_on(async {
             let mut ids = Vec::new();
             for i in 0..count {
-                let body = json!({"type": "Defect", "fields": {"headline": format!("{tag} {i}")}});
-                let item: Value = client
-                    .send_json(hyper::Method::POST, &url, "/v1/records", &body)
+                let body = common::defect(&[("headline", &format!("{tag} {i}"))]);
+                let item = client
+                    .create_item(&url, ItemKind::Record, &body)
                     .await
                     .unwrap_or_else(|e| panic!("create a Defect at {name}: {e}"));
-                ids.push(item["id"].as_str().expect("an id").to_string());
+                ids.push(item.id);
             }
             ids
         })
@@ -556,27 +555,19 @@ impl Env {
     /// Every Defect at replica `name`: id -> item.
     fn defects(&self, client: &ReplicaClient, name: &str) -> Option<BTreeMap<String, Value>> {
         let url = self.url(name);
-        let items: Value = self
+        let items = self
             .rt
-            .block_on(client.get_json(&url, "/v1/records?type=Defect"))
+            .block_on(client.list_items(&url, ItemKind::Record, &ItemQuery::of_type("Defect")))
             .ok()?;
-        let list = items
-            .get("items")
-            .and_then(Value::as_array)
-            .cloned()
-            .or_else(|| items.as_array().cloned())?;
-        Some(
-            list.into_iter()
-                .filter_map(|i| Some((i.get("id")?.as_str()?.to_string(), i)))
-                .collect(),
-        )
+        items
+            .into_iter()
+            .map(|i| Some((i.id.clone(), serde_json::to_value(i).ok()?)))
+            .collect()
     }
 
-    fn digest(&self, client: &ReplicaClient, name: &str) -> Option<Value> {
+    fn digest(&self, client: &ReplicaClient, name: &str) -> Option<Digest> {
         let url = self.url(name);
-        self.rt
-            .block_on(client.get_json::<Value>(&url, "/v1/digest"))
-            .ok()
+        self.rt.block_on(client.digest(&url)).ok()
     }
 
     /// Waits until every replica named holds exactly the same items and at least `ids`.
@@ -584,12 +575,12 @@ impl Env {
         self.wait(
             &format!("{} hold the same {} records", names.join(", "), ids.len()),
             || {
-                let digests: Vec<Value> = names
+                let digests: Vec<Digest> = names
                     .iter()
                     .map(|n| self.digest(client, n))
                     .collect::<Option<_>>()?;
-                let first = digests.first()?.get("digest")?.clone();
-                if !digests.iter().all(|d| d.get("digest") == Some(&first)) {
+                let first = digests.first()?.digest.clone();
+                if !digests.iter().all(|d| d.digest == first) {
                     return None;
                 }
                 names
@@ -1314,15 +1305,12 @@ fn write_throughout(
     let mut i = 0usize;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         let url = &urls[i % urls.len()];
-        let body =
-            json!({"type": "Defect", "fields": {"headline": format!("during the upgrade {i}")}});
-        match env.rt.block_on(client.send_json::<Value>(
-            hyper::Method::POST,
-            url,
-            "/v1/records",
-            &body,
-        )) {
-            Ok(item) => ids.push(item["id"].as_str().unwrap_or_default().to_string()),
+        let body = common::defect(&[("headline", &format!("during the upgrade {i}"))]);
+        match env
+            .rt
+            .block_on(client.create_item(url, ItemKind::Record, &body))
+        {
+            Ok(item) => ids.push(item.id),
             // A replica between the two steps of a paired move, or restarting: try the next.
             Err(_) => refused += 1,
         }
@@ -1711,19 +1699,25 @@ fn a_schema_package_reaches_every_replica_including_a_late_one() {
     env.wait_active(&["sampl-lima"]);
     wait_everywhere(&["sampl-tokyo", "sampl-paris", "sampl-austin", "sampl-lima"]);
     let client = env.client("sampl");
-    let status: Value = env
+    let status = env
         .rt
-        .block_on(client.get_json(&env.url("sampl-lima"), "/v1/status"))
+        .block_on(client.status(&env.url("sampl-lima")))
         .expect("lima's status");
-    assert_eq!(status["userDatabaseSchemaVersion"], json!(version));
+    assert_eq!(
+        i64::try_from(status.user_database_schema_version).ok(),
+        Some(version)
+    );
     // With the package in place, a record change writes a change event.
     let id = env.write(&client, "sampl-paris", 1, "with events")[0].clone();
     env.wait("a change event for the new record exists", || {
         let url = env.url("sampl-paris");
         let events: Vec<Value> = env
             .rt
-            .block_on(client.get_json(&url, "/v1/records?type=ChangeEvent"))
-            .ok()?;
+            .block_on(client.list_items(&url, ItemKind::Record, &ItemQuery::of_type("ChangeEvent")))
+            .ok()?
+            .into_iter()
+            .filter_map(|e| serde_json::to_value(e).ok())
+            .collect();
         events
             .iter()
             .any(|e| e["fields"]["record"] == json!(id))
@@ -1783,11 +1777,13 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
             .expect("a master");
         let url = env.url(master);
         env.rt
-            .block_on(client.send_json::<Value>(
-                hyper::Method::PATCH,
+            .block_on(client.update_item(
                 &url,
-                &format!("/v1/records/{id}"),
-                &json!({"fields": {"state": "open"}}),
+                ItemKind::Record,
+                id,
+                &UpdateItem {
+                    fields: [("state".to_string(), json!("open"))].into(),
+                },
             ))
             .expect("modify");
     }
@@ -1849,24 +1845,25 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
         "the gateway pod",
         "app.kubernetes.io/instance=sampl-gateway",
     );
-    let gateway = ReplicaClient::new(token, None);
+    let gateway = HttpClient::new(token, None);
+    let updates = multisite::replica::api::route::workload::GATEWAY_UPDATES;
     let url = format!("http://{ip}:8080");
     let at_tokyo = created[0].clone();
     let at_paris = created[4].clone();
     env.rt
-        .block_on(gateway.send_json::<Value>(
+        .block_on(gateway.send_json::<_, Value>(
             hyper::Method::POST,
             &url,
-            "/v1/updates",
+            updates,
             &json!({"id": at_tokyo, "fields": {"state": "closed"}}),
         ))
         .expect("an update at the gateway's replica");
     let refused = env
         .rt
-        .block_on(gateway.send_json::<Value>(
+        .block_on(gateway.send_json::<_, Value>(
             hyper::Method::POST,
             &url,
-            "/v1/updates",
+            updates,
             &json!({"id": at_paris, "fields": {"state": "closed"}}),
         ))
         .expect_err("an update to a record mastered elsewhere");
@@ -1895,10 +1892,10 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
         (gone && family.status?.gateway?.one_directional_records == 0).then_some(())
     });
     env.rt
-        .block_on(gateway.send_json::<Value>(
+        .block_on(gateway.send_json::<_, Value>(
             hyper::Method::POST,
             &url,
-            "/v1/updates",
+            updates,
             &json!({"id": at_paris, "fields": {"state": "closed"}}),
         ))
         .expect("the update applies once the record is mastered at the gateway's replica");

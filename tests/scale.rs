@@ -14,6 +14,7 @@
 
 mod common;
 use common::Proc;
+use multisite::packet::change::ItemKind;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -238,7 +239,7 @@ fn scale() {
     let release = multisite::cmd::replica::newest_release(&compat);
     let mut propagation = Vec::new();
     for (ns, family, size) in [("big", "big", big), ("small00", "fam", 5)] {
-        let client = multisite::replica::http::ReplicaClient::new(
+        let client = multisite::replica::api::ReplicaClient::new(
             secret_token(&kubeconfig, ns, family),
             Some(release.clone()),
         );
@@ -248,16 +249,16 @@ fn scale() {
             .map(|(_, (url, _))| url.clone())
             .collect();
         assert_eq!(urls.len(), size);
-        let body = serde_json::json!({"type": "Defect", "fields": {"headline": "scale"}});
+        let body = common::defect(&[("headline", "scale")]);
         let written = Instant::now();
-        let item: serde_json::Value = rt
-            .block_on(client.send_json(hyper::Method::POST, &urls[0], "/v1/records", &body))
-            .expect("create");
-        let id = item["id"].as_str().expect("id").to_string();
+        let id = rt
+            .block_on(client.create_item(&urls[0], ItemKind::Record, &body))
+            .expect("create")
+            .id;
         let mut waiting: Vec<String> = urls[1..].to_vec();
         while !waiting.is_empty() {
             waiting.retain(|url| {
-                rt.block_on(client.get_json::<serde_json::Value>(url, &format!("/v1/records/{id}")))
+                rt.block_on(client.get_item(url, ItemKind::Record, &id))
                     .is_err()
             });
             assert!(

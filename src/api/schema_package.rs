@@ -78,6 +78,19 @@ pub enum FieldType {
     Reference,
 }
 
+impl FieldType {
+    /// The type's name, as manifests and the replica API write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::String => "String",
+            FieldType::Integer => "Integer",
+            FieldType::Boolean => "Boolean",
+            FieldType::Timestamp => "Timestamp",
+            FieldType::Reference => "Reference",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SchemaPackageStatus {
@@ -106,23 +119,4 @@ pub struct PackageReplicaStatus {
     pub user_database_upgraded: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-}
-
-impl SchemaPackageSpec {
-    /// The body of a replica's `POST /v1/schema-packages` for this package.
-    pub fn request_body(&self) -> serde_json::Value {
-        let record_types: Vec<serde_json::Value> = self
-            .record_types
-            .iter()
-            .map(|t| {
-                let fields: Vec<serde_json::Value> = t
-                    .fields
-                    .iter()
-                    .map(|f| serde_json::json!({"name": f.name, "type": f.field_type}))
-                    .collect();
-                serde_json::json!({"name": t.name, "fields": fields})
-            })
-            .collect();
-        serde_json::json!({"package": self.package, "version": self.version, "recordTypes": record_types})
-    }
 }

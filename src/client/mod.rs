@@ -4,8 +4,9 @@
 //! every call, and a replica whose feature levels that release cannot open refuses it;
 //! the page and the API show the refusal, and the tier is not ready meanwhile.
 
-use crate::replica::http::{HttpError, ReplicaClient};
-use crate::replica::server::{ItemView, Session};
+use crate::packet::change::ItemKind;
+use crate::replica::api::{CreateItem, Item, ItemQuery, ReplicaClient, Session, UpdateItem};
+use crate::replica::http::HttpError;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -57,37 +58,52 @@ fn api_error(error: HttpError) -> Response {
 }
 
 /// The lock mark of a record mastered at another replica (pure, for the page).
-pub fn lock_mark(item: &ItemView, here: &str) -> Option<String> {
+pub fn lock_mark(item: &Item, here: &str) -> Option<String> {
     (item.master != here).then(|| format!("🔒 mastered at {}", item.master))
 }
 
 impl ClientTier {
     async fn session(&self) -> Result<Session, HttpError> {
-        self.client.get_json(&self.replica_url, "/v1/session").await
+        self.client.session(&self.replica_url).await
     }
 
-    async fn records(&self, query: &BTreeMap<String, String>) -> Result<Vec<ItemView>, HttpError> {
-        let mut path = "/v1/records?type=Defect".to_string();
+    async fn records(&self, query: &BTreeMap<String, String>) -> Result<Vec<Item>, HttpError> {
+        let mut wanted = ItemQuery::of_type("Defect");
         if let (Some(field), Some(value)) = (query.get("field"), query.get("value"))
             && !field.is_empty()
         {
-            let _ = write!(path, "&field.{}={}", encode(field), encode(value));
+            wanted.fields.push((field.clone(), value.clone()));
         }
-        self.client.get_json(&self.replica_url, &path).await
+        self.client
+            .list_items(&self.replica_url, ItemKind::Record, &wanted)
+            .await
+    }
+
+    async fn record(&self, id: &str) -> Result<Item, HttpError> {
+        self.client
+            .get_item(&self.replica_url, ItemKind::Record, id)
+            .await
+    }
+
+    async fn update(&self, id: &str, update: &UpdateItem) -> Result<Item, HttpError> {
+        self.client
+            .update_item(&self.replica_url, ItemKind::Record, id, update)
+            .await
+    }
+
+    async fn create(&self, item: &CreateItem) -> Result<Item, HttpError> {
+        self.client
+            .create_item(&self.replica_url, ItemKind::Record, item)
+            .await
     }
 }
 
-/// Percent-encodes a query value.
-fn encode(text: &str) -> String {
-    let mut out = String::new();
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+/// The page path of one record.
+fn record_page(id: &str) -> String {
+    format!(
+        "/records/{}",
+        percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+    )
 }
 
 fn page(tier: &ClientTier, title: &str, body: &str) -> String {
@@ -162,11 +178,7 @@ async fn view(State(t): State<Shared>, Path(id): Path<String>) -> Response {
         Ok(s) => s,
         Err(e) => return refused_page(&t, &e),
     };
-    let item: ItemView = match t
-        .client
-        .get_json(&t.replica_url, &format!("/v1/records/{}", encode(&id)))
-        .await
-    {
+    let item = match t.record(&id).await {
         Ok(item) => item,
         Err(e) => return refused_page(&t, &e),
     };
@@ -209,30 +221,29 @@ async fn edit(
     Path(id): Path<String>,
     Form(fields): Form<BTreeMap<String, String>>,
 ) -> Response {
-    let body = json!({"fields": fields});
-    match t
-        .client
-        .send_json::<Value>(
-            hyper::Method::PATCH,
-            &t.replica_url,
-            &format!("/v1/records/{}", encode(&id)),
-            &body,
-        )
-        .await
-    {
-        Ok(_) => Redirect::to(&format!("/records/{}", encode(&id))).into_response(),
+    let update = UpdateItem {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect(),
+    };
+    match t.update(&id, &update).await {
+        Ok(_) => Redirect::to(&record_page(&id)).into_response(),
         Err(e) => refused_page(&t, &e),
     }
 }
 
 async fn create(State(t): State<Shared>, Form(fields): Form<BTreeMap<String, String>>) -> Response {
-    let body = json!({"type": "Defect", "fields": fields});
-    match t
-        .client
-        .send_json::<ItemView>(hyper::Method::POST, &t.replica_url, "/v1/records", &body)
-        .await
-    {
-        Ok(item) => Redirect::to(&format!("/records/{}", encode(&item.id))).into_response(),
+    let item = CreateItem {
+        item_type: Some("Defect".into()),
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect(),
+        owner: None,
+    };
+    match t.create(&item).await {
+        Ok(item) => Redirect::to(&record_page(&item.id)).into_response(),
         Err(e) => refused_page(&t, &e),
     }
 }
@@ -259,11 +270,7 @@ async fn api_list(
 }
 
 async fn api_get(State(t): State<Shared>, Path(id): Path<String>) -> Response {
-    match t
-        .client
-        .get_json::<Value>(&t.replica_url, &format!("/v1/records/{}", encode(&id)))
-        .await
-    {
+    match t.record(&id).await {
         Ok(item) => Json(item).into_response(),
         Err(e) => api_error(e),
     }
@@ -272,29 +279,16 @@ async fn api_get(State(t): State<Shared>, Path(id): Path<String>) -> Response {
 async fn api_patch(
     State(t): State<Shared>,
     Path(id): Path<String>,
-    Json(body): Json<Value>,
+    Json(update): Json<UpdateItem>,
 ) -> Response {
-    match t
-        .client
-        .send_json::<Value>(
-            hyper::Method::PATCH,
-            &t.replica_url,
-            &format!("/v1/records/{}", encode(&id)),
-            &body,
-        )
-        .await
-    {
+    match t.update(&id, &update).await {
         Ok(item) => Json(item).into_response(),
         Err(e) => api_error(e),
     }
 }
 
-async fn api_create(State(t): State<Shared>, Json(body): Json<Value>) -> Response {
-    match t
-        .client
-        .send_json::<Value>(hyper::Method::POST, &t.replica_url, "/v1/records", &body)
-        .await
-    {
+async fn api_create(State(t): State<Shared>, Json(item): Json<CreateItem>) -> Response {
+    match t.create(&item).await {
         Ok(item) => (StatusCode::CREATED, Json(item)).into_response(),
         Err(e) => api_error(e),
     }
@@ -331,7 +325,7 @@ mod tests {
             escape("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
-        let item = ItemView {
+        let item = Item {
             id: "SAMPL00001".into(),
             item_type: "Defect".into(),
             fields: BTreeMap::new(),
@@ -345,6 +339,6 @@ mod tests {
             Some("🔒 mastered at paris")
         );
         assert_eq!(lock_mark(&item, "paris"), None);
-        assert_eq!(encode("a b&c"), "a%20b%26c");
+        assert_eq!(record_page("a b&c"), "/records/a%20b%26c");
     }
 }

@@ -5,7 +5,9 @@
 
 use crate::cmd::replica::{InitArgs, clone, init};
 use crate::domain::compat::Compatibility;
-use crate::replica::bootstrap::{BootstrapRequest, BootstrapSource, BootstrapState};
+use crate::replica::api::{
+    BootstrapRequest, BootstrapSource, BootstrapState, ErrorBody, Reason, route,
+};
 use crate::replica::secret::Secret;
 use crate::replica::server::token_matches;
 use axum::extract::State;
@@ -36,8 +38,13 @@ struct Waiting {
 
 type Shared = Arc<Waiting>;
 
-fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({"error": message.into()}))).into_response()
+fn refuse(reason: Reason, message: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorBody {
+        error: message.into(),
+        reason,
+    };
+    (status, Json(body)).into_response()
 }
 
 impl Waiting {
@@ -88,17 +95,17 @@ async fn healthz() -> &'static str {
 async fn start(State(w): State<Shared>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if !token_matches(&w.secret.api_token, &headers) {
         return refuse(
-            StatusCode::UNAUTHORIZED,
+            Reason::Unauthorized,
             "missing or wrong family token: callers need the family's secret",
         );
     }
     let request: BootstrapRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bootstrap request: {e}")),
+        Err(e) => return refuse(Reason::Invalid, format!("bootstrap request: {e}")),
     };
     if request.family != w.expected.family || request.replica != w.expected.replica {
         return refuse(
-            StatusCode::BAD_REQUEST,
+            Reason::Invalid,
             format!(
                 "this pod serves replica {} of family {}, not {} of {}",
                 w.expected.replica, w.expected.family, request.replica, request.family
@@ -118,7 +125,7 @@ async fn start(State(w): State<Shared>, headers: HeaderMap, body: axum::body::By
     };
     if let Some(running) = busy {
         return refuse(
-            StatusCode::CONFLICT,
+            Reason::BootstrapRunning,
             format!("a bootstrap is already running: {running}"),
         );
     }
@@ -193,10 +200,10 @@ pub async fn await_bootstrap(
         done: Notify::new(),
     });
     let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(not_ready))
-        .route("/v1/status", get(not_yet))
-        .route("/v1/bootstrap", get(describe).post(start))
+        .route(route::HEALTHZ, get(healthz))
+        .route(route::READYZ, get(not_ready))
+        .route(route::STATUS, get(not_yet))
+        .route(route::BOOTSTRAP, get(describe).post(start))
         .with_state(Arc::clone(&waiting));
     let (finish, finished) = tokio::sync::oneshot::channel::<bool>();
     let watcher = {

@@ -1,7 +1,7 @@
 //! `multisite client`: serves a client tier's page and API until SIGINT or SIGTERM.
 
 use crate::client::{ClientTier, router};
-use crate::replica::http::ReplicaClient;
+use crate::replica::api::ReplicaClient;
 use anyhow::Context;
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! `multisite gateway`: delivers change events and takes updates until SIGINT or SIGTERM.
 
 use crate::gateway::{Gateway, router};
-use crate::replica::http::ReplicaClient;
+use crate::replica::api::ReplicaClient;
 use anyhow::Context;
 use std::path::PathBuf;
 

@@ -2,15 +2,18 @@
 //! `mastership`, `sync`, `digest`.
 
 use crate::domain::compat::Compatibility;
-use crate::packet::change::{FieldDef, ItemKind, RecordTypeDef};
+use crate::packet::change::{FieldDef, RecordTypeDef};
+use crate::replica::api::{
+    ImportReport, Item, PackageRequest, PushReport, PushRequest, ReplicaClient, StatusReport,
+    UpgradeRequest,
+};
 use crate::replica::builtin_record_types;
-use crate::replica::http::{HttpError, ReplicaClient};
+use crate::replica::http::HttpError;
 use crate::replica::secret::{self, Secret};
-use crate::replica::server::{self, ImportReport, ItemView, PushReport, StatusReport};
+use crate::replica::server;
 use crate::replica::store::{DB_FILE, InitParams, Store};
 use anyhow::{Context, anyhow, bail};
-use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -153,17 +156,9 @@ pub async fn clone(
     }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
     let client = ReplicaClient::new(secret.api_token.clone(), None);
-    let source: StatusReport = client.get_json(from, "/v1/status").await?;
+    let source = client.status(from).await?;
     // The copy arrives whole before it is put in place, so a failed transfer leaves nothing behind.
-    let bytes = client
-        .call(
-            Method::POST,
-            from,
-            "/v1/clone",
-            "application/json",
-            json!({"replica": replica}).to_string().into_bytes(),
-        )
-        .await?;
+    let bytes = client.clone_for(from, replica).await?;
     let tmp = data.join(format!("{DB_FILE}.partial"));
     std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     let tag = {
@@ -193,15 +188,7 @@ pub async fn clone(
 
 /// `replica backup`: a consistent copy of a live replica's database.
 pub async fn backup(client: &ReplicaClient, url: &str, out: &Path) -> anyhow::Result<String> {
-    let bytes = client
-        .call(
-            Method::POST,
-            url,
-            "/v1/backup",
-            "application/json",
-            Vec::new(),
-        )
-        .await?;
+    let bytes = client.backup(url).await?;
     let tmp = out.with_extension("partial");
     std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
@@ -299,7 +286,7 @@ pub async fn serve(
         store.set_log_retention(seconds)?;
     }
     let identity = store.identity().clone();
-    let replica = server::Replica::new(store, compat, secret);
+    let replica = server::ReplicaServer::new(store, compat, secret);
     // Packets held before a restart may be importable now (an upgrade finished just
     // before the process stopped).
     let released = replica.retry_held_now().await?;
@@ -357,14 +344,13 @@ pub async fn upgrade(
     url: &str,
     target: UpgradeTarget,
 ) -> anyhow::Result<String> {
-    let body = match target {
-        UpgradeTarget::SchemaRepository(n) => json!({"schemaRepository": n}),
-        UpgradeTarget::UserDatabase(n) => json!({"userDatabase": n}),
-        UpgradeTarget::UserDatabaseSchema(n) => json!({"userDatabaseSchema": n}),
-    };
-    let status: StatusReport = client
-        .send_json(Method::POST, url, "/v1/upgrade", &body)
-        .await?;
+    let mut step = UpgradeRequest::default();
+    match target {
+        UpgradeTarget::SchemaRepository(n) => step.schema_repository = Some(n),
+        UpgradeTarget::UserDatabase(n) => step.user_database = Some(n),
+        UpgradeTarget::UserDatabaseSchema(n) => step.user_database_schema = Some(n),
+    }
+    let status = client.upgrade(url, &step).await?;
     Ok(format!(
         "replica {} now at schema repository FL {}, user database FL {} (metaschema {}){}\n",
         status.replica,
@@ -401,20 +387,17 @@ pub async fn apply_package(
             packages.len()
         );
     };
-    let body = package.spec.request_body();
-    let schema: Value = client
-        .send_json(Method::POST, url, "/v1/schema-packages", &body)
+    let schema = client
+        .apply_package(url, &PackageRequest::from(&package.spec))
         .await?;
     Ok(format!(
         "package {} {} is schema version {} at {url}; upgrade each replica's user database with `multisite replica upgrade --user-database-schema {}`\n",
-        package.spec.package, package.spec.version, schema["version"], schema["version"]
+        package.spec.package, package.spec.version, schema.version, schema.version
     ))
 }
 
 pub async fn remove(client: &ReplicaClient, url: &str, to: &str) -> anyhow::Result<String> {
-    let status: StatusReport = client
-        .send_json(Method::POST, url, "/v1/retire", &json!({"to": to}))
-        .await?;
+    let status = client.retire(url, to).await?;
     let pending = status.removal_pending.unwrap_or_default();
     Ok(format!(
         "replica {} is leaving family {}: its mastership moved to {to} and it makes no more changes.\n\
@@ -501,15 +484,6 @@ pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<St
     Ok(out)
 }
 
-/// The URL path of a kind's collection.
-pub fn collection(kind: ItemKind) -> &'static str {
-    match kind {
-        ItemKind::Record => "records",
-        ItemKind::WorkspaceItem => "workspace-items",
-        ItemKind::User => "users",
-    }
-}
-
 /// Parses `NAME=VALUE` arguments.
 pub fn parse_fields(fields: &[String]) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut out = BTreeMap::new();
@@ -525,7 +499,7 @@ pub fn parse_fields(fields: &[String]) -> anyhow::Result<BTreeMap<String, Value>
     Ok(out)
 }
 
-pub fn render_item(item: &ItemView, output: Output) -> anyhow::Result<String> {
+pub fn render_item(item: &Item, output: Output) -> anyhow::Result<String> {
     if output == Output::Json {
         return Ok(serde_json::to_string_pretty(item)? + "\n");
     }
@@ -548,9 +522,11 @@ pub fn render_item(item: &ItemView, output: Output) -> anyhow::Result<String> {
 }
 
 pub async fn push(client: &ReplicaClient, from: &str, to: &str) -> anyhow::Result<PushReport> {
-    Ok(client
-        .send_json(Method::POST, from, "/v1/sync/push", &json!({"to": to}))
-        .await?)
+    let request = PushRequest {
+        to: to.to_string(),
+        full: false,
+    };
+    Ok(client.push(from, &request).await?)
 }
 
 pub fn render_push(report: &PushReport) -> String {
@@ -576,15 +552,7 @@ pub async fn export(
     peer: &str,
     out: &Path,
 ) -> anyhow::Result<String> {
-    let bytes = client
-        .call(
-            Method::GET,
-            url,
-            &format!("/v1/sync/export?peer={peer}"),
-            "application/json",
-            Vec::new(),
-        )
-        .await?;
+    let bytes = client.export(url, peer).await?;
     std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(format!(
         "wrote a packet for {peer} to {} ({} bytes)\n",
@@ -599,16 +567,7 @@ pub async fn import(
     file: &Path,
 ) -> anyhow::Result<ImportReport> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let answer = client
-        .call(
-            Method::POST,
-            url,
-            "/v1/sync/import",
-            "application/octet-stream",
-            bytes,
-        )
-        .await?;
-    serde_json::from_slice(&answer).map_err(|e| anyhow!("{url} answered the import with {e}"))
+    Ok(client.import(url, bytes).await?)
 }
 
 /// Turns a refused or failed call into the error the CLI prints.

@@ -12,14 +12,17 @@
 //! - Only one gateway acts for a replica: each holds a lease at the replica, renewed
 //!   every few seconds; a second gateway waits.
 
-use crate::replica::http::{HttpError, ReplicaClient};
-use crate::replica::server::{GatewayLease, ItemView};
+use crate::packet::change::ItemKind;
+use crate::replica::api::{
+    GatewayLease, GatewayReport, Item, ItemQuery, Reason, ReplicaClient, UpdateItem, route,
+};
+use crate::replica::http::{HttpClient, HttpError};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -27,21 +30,6 @@ use std::time::Duration;
 
 /// How long a lease lasts; renewed every third of it.
 pub const LEASE_SECONDS: u64 = 15;
-
-/// Where the gateway stands (`GET /status`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GatewayReport {
-    pub replica: String,
-    /// This process holds the lease and its replica answers.
-    pub connected: bool,
-    pub leader: bool,
-    pub events_pending: u64,
-    pub events_delivered: u64,
-    pub one_directional_records: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
 
 pub struct Gateway {
     pub identity: String,
@@ -51,7 +39,8 @@ pub struct Gateway {
     /// Bearer token the outside system presents on incoming updates.
     pub token: String,
     pub replica: ReplicaClient,
-    pub outside: ReplicaClient,
+    /// The outside endpoint is called without the family's token.
+    pub outside: HttpClient,
     report: Mutex<GatewayReport>,
     one_directional: Mutex<BTreeSet<String>>,
 }
@@ -73,7 +62,7 @@ pub fn id_number(id: &str) -> u64 {
 }
 
 /// The JSON an outside system receives for one change event.
-pub fn event_body(event: &ItemView) -> Value {
+pub fn event_body(event: &Item) -> Value {
     let field = |name: &str| event.fields.get(name).cloned().unwrap_or(Value::Null);
     json!({
         "event": event.id,
@@ -92,7 +81,7 @@ impl Gateway {
         token: String,
         replica: ReplicaClient,
     ) -> Shared {
-        let outside = ReplicaClient::new(String::new(), None).with_timeout(Duration::from_secs(30));
+        let outside = HttpClient::new(String::new(), None).with_timeout(Duration::from_secs(30));
         Arc::new(Gateway {
             report: Mutex::new(GatewayReport {
                 replica: replica_name.clone(),
@@ -116,20 +105,11 @@ impl Gateway {
     }
 
     async fn renew(&self) -> bool {
-        let body = serde_json::to_value(GatewayLease {
+        let lease = GatewayLease {
             holder: self.identity.clone(),
             seconds: LEASE_SECONDS,
-        })
-        .unwrap_or(Value::Null);
-        let result = self
-            .replica
-            .send_json::<GatewayLease>(
-                hyper::Method::POST,
-                &self.replica_url,
-                "/v1/gateway/lease",
-                &body,
-            )
-            .await;
+        };
+        let result = self.replica.gateway_lease(&self.replica_url, &lease).await;
         let mut report = locked(&self.report);
         match result {
             Ok(_) => {
@@ -148,12 +128,16 @@ impl Gateway {
 
     /// One delivery round: every pending event in order until one fails.
     async fn deliver(&self) -> Result<(), String> {
-        let events: Vec<ItemView> = self
+        let events = self
             .replica
-            .get_json(&self.replica_url, "/v1/records?type=ChangeEvent")
+            .list_items(
+                &self.replica_url,
+                ItemKind::Record,
+                &ItemQuery::of_type(crate::packet::change::CHANGE_EVENT_TYPE),
+            )
             .await
             .map_err(|e| e.to_string())?;
-        let mut mine: Vec<ItemView> = events
+        let mut mine: Vec<Item> = events
             .into_iter()
             .filter(|e| e.master == self.replica_name && !e.deleted)
             .collect();
@@ -161,7 +145,7 @@ impl Gateway {
         locked(&self.report).events_pending = mine.len() as u64;
         for event in mine {
             self.outside
-                .send_json::<Value>(hyper::Method::POST, &self.endpoint, "", &event_body(&event))
+                .send_json::<_, Value>(hyper::Method::POST, &self.endpoint, "", &event_body(&event))
                 .await
                 .or_else(|e| match e {
                     // A 2xx without a JSON body is a delivery too.
@@ -170,13 +154,7 @@ impl Gateway {
                 })
                 .map_err(|e| format!("delivering {} to {}: {e}", event.id, self.endpoint))?;
             self.replica
-                .call(
-                    hyper::Method::DELETE,
-                    &self.replica_url,
-                    &format!("/v1/records/{}", event.id),
-                    "application/json",
-                    Vec::new(),
-                )
+                .delete_item(&self.replica_url, ItemKind::Record, &event.id)
                 .await
                 .map_err(|e| format!("deleting delivered event {}: {e}", event.id))?;
             let mut report = locked(&self.report);
@@ -190,9 +168,9 @@ impl Gateway {
     async fn recheck_one_directional(&self) {
         let ids: Vec<String> = locked(&self.one_directional).iter().cloned().collect();
         for id in ids {
-            let item: Result<ItemView, _> = self
+            let item = self
                 .replica
-                .get_json(&self.replica_url, &format!("/v1/records/{id}"))
+                .get_item(&self.replica_url, ItemKind::Record, &id)
                 .await;
             if item.is_ok_and(|i| i.master == self.replica_name) {
                 locked(&self.one_directional).remove(&id);
@@ -265,15 +243,12 @@ async fn update(
     if !g.report().leader {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "this gateway does not hold its replica's lease; another one acts"}))).into_response();
     }
-    let body = json!({"fields": update.fields});
+    let body = UpdateItem {
+        fields: update.fields.into_iter().collect(),
+    };
     match g
         .replica
-        .send_json::<Value>(
-            hyper::Method::PATCH,
-            &g.replica_url,
-            &format!("/v1/records/{}", update.id),
-            &body,
-        )
+        .update_item(&g.replica_url, ItemKind::Record, &update.id, &body)
         .await
     {
         Ok(item) => {
@@ -281,8 +256,9 @@ async fn update(
             Json(item).into_response()
         }
         Err(HttpError::Status {
-            status: 409,
+            reason: Reason::Refused,
             message,
+            ..
         }) => {
             locked(&g.one_directional).insert(update.id.clone());
             (
@@ -322,10 +298,10 @@ async fn readyz(State(g): State<Shared>) -> Response {
 /// The gateway's own HTTP API.
 pub fn router(gateway: Shared) -> Router {
     Router::new()
-        .route("/status", get(status))
-        .route("/v1/updates", post(update))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(route::workload::STATUS, get(status))
+        .route(route::workload::GATEWAY_UPDATES, post(update))
+        .route(route::HEALTHZ, get(|| async { "ok" }))
+        .route(route::READYZ, get(readyz))
         .with_state(gateway)
 }
 
@@ -342,7 +318,7 @@ mod tests {
         let mut fields = BTreeMap::new();
         fields.insert("record".to_string(), json!("SAMPL00001"));
         fields.insert("action".to_string(), json!("modify"));
-        let event = ItemView {
+        let event = Item {
             id: "SAMPL00002".into(),
             item_type: "ChangeEvent".into(),
             fields,

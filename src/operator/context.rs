@@ -8,7 +8,7 @@ use crate::api::Replica;
 use crate::api::Site;
 use crate::api::{LinkStatus, ReplicaFamily};
 use crate::domain::scheduler::TaskKind;
-use crate::replica::http::ReplicaClient;
+use crate::replica::api::ReplicaClient;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};

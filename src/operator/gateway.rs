@@ -9,7 +9,9 @@ use super::OperatorError;
 use super::builders;
 use super::context::{Ctx, apply_object};
 use crate::api::{GatewayStatus, ReplicaFamily, ReplicaPhase};
-use crate::gateway::GatewayReport;
+use crate::packet::change::{CHANGE_EVENT_TYPE, GATEWAY_REPLICA, ItemKind};
+use crate::replica::api::{GatewayReport, ItemQuery, MoveMastership, ReplicaClient, Setting};
+use crate::replica::http::HttpClient;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::ResourceExt;
@@ -39,23 +41,15 @@ async fn remaster(
         .with_release(Some(ctx.compat.newest_release_version()));
     let mut moved = 0;
     for id in ids {
-        let item: crate::replica::server::ItemView = client
-            .get_json(&to_url, &format!("/v1/records/{id}"))
-            .await?;
+        let item = client.get_item(&to_url, ItemKind::Record, id).await?;
         if item.master == to {
             continue;
         }
         let Some(master_url) = endpoint(&item.master) else {
             continue;
         };
-        let body = serde_json::json!({"to": to});
         client
-            .send_json::<serde_json::Value>(
-                hyper::Method::POST,
-                &master_url,
-                &format!("/v1/records/{id}/mastership"),
-                &body,
-            )
+            .move_mastership(&master_url, ItemKind::Record, id, &move_to(to))
             .await?;
         moved += 1;
     }
@@ -76,17 +70,33 @@ fn waiting(status: Option<GatewayStatus>, problem: String) -> GatewayOutcome {
     }
 }
 
+fn move_to(to: &str) -> MoveMastership {
+    MoveMastership {
+        to: Some(to.to_string()),
+        force: false,
+    }
+}
+
+fn gateway_setting(replica: &str) -> Setting {
+    Setting {
+        key: GATEWAY_REPLICA.to_string(),
+        value: replica.to_string(),
+    }
+}
+
 /// The live change events at the replica at `url` mastered at `master`.
 async fn events_mastered_at(
-    client: &crate::replica::http::ReplicaClient,
+    client: &ReplicaClient,
     url: &str,
     master: &str,
 ) -> Result<Vec<String>, OperatorError> {
-    let path = format!(
-        "/v1/records?type={}",
-        crate::packet::change::CHANGE_EVENT_TYPE
-    );
-    let events: Vec<crate::replica::server::ItemView> = client.get_json(url, &path).await?;
+    let events = client
+        .list_items(
+            url,
+            ItemKind::Record,
+            &ItemQuery::of_type(CHANGE_EVENT_TYPE),
+        )
+        .await?;
     Ok(events
         .into_iter()
         .filter(|e| e.master == master && !e.deleted)
@@ -136,10 +146,7 @@ async fn move_pin(
             .is_some_and(|g| g == to)
     };
     if !knows(to) {
-        let body = serde_json::json!({"key": crate::packet::change::GATEWAY_REPLICA, "value": to});
-        client
-            .send_json::<serde_json::Value>(hyper::Method::POST, &to_url, "/v1/settings", &body)
-            .await?;
+        client.set_setting(&to_url, &gateway_setting(to)).await?;
         return Ok(Some(format!(
             "{moving}: change events are mastered at {to} from now on"
         )));
@@ -169,10 +176,8 @@ async fn move_pin(
     }
     let at_from = events_mastered_at(&client, &from_url, from).await?;
     for id in &at_from {
-        let body = serde_json::json!({"to": to});
-        let path = format!("/v1/records/{id}/mastership");
         client
-            .send_json::<serde_json::Value>(hyper::Method::POST, &from_url, &path, &body)
+            .move_mastership(&from_url, ItemKind::Record, id, &move_to(to))
             .await?;
     }
     if !at_from.is_empty() {
@@ -251,9 +256,8 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
     {
         // The family setting: change events are mastered at the pinned replica.
         let client = ctx.replica_client(&namespace, &family.name_any()).await?;
-        let body = serde_json::json!({"key": crate::packet::change::GATEWAY_REPLICA, "value": spec.replica});
         client
-            .send_json::<serde_json::Value>(hyper::Method::POST, url, "/v1/settings", &body)
+            .set_setting(url, &gateway_setting(&spec.replica))
             .await?;
         ctx.event(
             family,
@@ -315,10 +319,13 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
         .find_map(|p| p.status?.pod_ip);
     let report: Option<GatewayReport> = match ip {
         Some(ip) => {
-            let client = crate::replica::http::ReplicaClient::new(String::new(), None)
+            let client = HttpClient::new(String::new(), None)
                 .with_timeout(std::time::Duration::from_secs(5));
             client
-                .get_json(&format!("http://{ip}:{}", builders::CLIENT_PORT), "/status")
+                .get_json(
+                    &format!("http://{ip}:{}", builders::CLIENT_PORT),
+                    crate::replica::api::route::workload::STATUS,
+                )
                 .await
                 .ok()
         }

@@ -201,7 +201,7 @@ async fn roll_out(
     status: &mut SchemaPackageStatus,
 ) -> Result<Option<String>, OperatorError> {
     use crate::api::{PackageReplicaStatus, ReplicaPhase};
-    use crate::replica::server::StatusReport;
+    use crate::replica::api::{PackageRequest, UpgradeRequest};
     let namespace = package.namespace().unwrap_or_default();
     let family = &package.spec.family;
     let members = ctx.members(&namespace, family);
@@ -216,10 +216,7 @@ async fn roll_out(
     let client = ctx.replica_client(&namespace, family).await?;
     let mut reports = Vec::new();
     for (name, url) in &serving {
-        let report = client
-            .get_json::<StatusReport>(url, "/v1/status")
-            .await
-            .ok();
+        let report = client.status(url).await.ok();
         reports.push((name.clone(), url.clone(), report));
     }
     let version = match status.schema_version.and_then(|v| u64::try_from(v).ok()) {
@@ -235,13 +232,8 @@ async fn roll_out(
                     master.unwrap_or_else(|| "(unknown)".into())
                 )));
             };
-            let schema: crate::packet::change::SchemaVersion = client
-                .send_json(
-                    hyper::Method::POST,
-                    url,
-                    "/v1/schema-packages",
-                    &package.spec.request_body(),
-                )
+            let schema = client
+                .apply_package(url, &PackageRequest::from(&package.spec))
                 .await?;
             ctx.event(
                 package,
@@ -274,11 +266,11 @@ async fn roll_out(
                 entry.applied = report.schema_version >= version;
                 entry.user_database_upgraded = report.user_database_schema_version >= version;
                 if entry.applied && !entry.user_database_upgraded {
-                    let body = serde_json::json!({"userDatabaseSchema": version});
-                    match client
-                        .send_json::<StatusReport>(hyper::Method::POST, &url, "/v1/upgrade", &body)
-                        .await
-                    {
+                    let step = UpgradeRequest {
+                        user_database_schema: Some(version),
+                        ..UpgradeRequest::default()
+                    };
+                    match client.upgrade(&url, &step).await {
                         Ok(_) => {
                             entry.user_database_upgraded = true;
                             ctx.event(

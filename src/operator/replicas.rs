@@ -9,9 +9,8 @@ use super::context::{Ctx, apply_object, apply_status};
 use crate::api::ReplicaFamily;
 use crate::api::conditions::{self, DEGRADED, PROGRESSING, READY};
 use crate::api::{MasteredCounts, PacketVersionStatus, Replica, ReplicaPhase, ReplicaStatus};
-use crate::replica::bootstrap::{BootstrapRequest, BootstrapSource};
+use crate::replica::api::{BootstrapRequest, BootstrapSource, Reason, StatusReport};
 use crate::replica::http::HttpError;
-use crate::replica::server::StatusReport;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -420,7 +419,7 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
     };
     status.endpoint = Some(url.clone());
     let client = ctx.replica_client(&namespace, &replica.spec.family).await?;
-    match client.get_json::<StatusReport>(&url, "/v1/status").await {
+    match client.status(&url).await {
         Ok(report) if report.family != replica.spec.family || report.replica != name => {
             let message = format!(
                 "pod {} serves replica {} of family {}, not {name} of {}",
@@ -529,17 +528,7 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
             };
             let running = waiting.running.is_some();
             if let Some(request) = request.filter(|_| !running) {
-                let body = serde_json::to_vec(&request)?;
-                match client
-                    .call(
-                        hyper::Method::POST,
-                        &url,
-                        "/v1/bootstrap",
-                        "application/json",
-                        body,
-                    )
-                    .await
-                {
+                match client.bootstrap(&url, &request).await {
                     Ok(_) => {
                         ctx.event(
                             replica,
@@ -550,7 +539,12 @@ async fn apply(replica: &Replica, ctx: &Ctx, api: &Api<Replica>) -> Result<Actio
                         )
                         .await
                     }
-                    Err(HttpError::Status { status: 409, .. }) => {}
+                    // Started by an earlier reconcile, or done meanwhile.
+                    Err(e)
+                        if matches!(
+                            e.reason(),
+                            Some(Reason::BootstrapRunning | Reason::AlreadyBootstrapped)
+                        ) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -697,7 +691,7 @@ async fn remove(
         return Ok(Removal::Wait(Duration::from_secs(5)));
     };
     let client = ctx.replica_client(&namespace, &replica.spec.family).await?;
-    let report = match client.get_json::<StatusReport>(&url, "/v1/status").await {
+    let report = match client.status(&url).await {
         Ok(report) => report,
         Err(e) if awaiting_bootstrap(&e) => {
             return finish("the replica holds no data; its workload is deleted".into()).await;
@@ -719,16 +713,7 @@ async fn remove(
             let others = members.iter().any(|r| r.name_any() != name);
             match heir(&name, family.as_deref(), &members) {
                 Some(heir) => {
-                    let body = serde_json::to_vec(&serde_json::json!({"to": heir}))?;
-                    client
-                        .call(
-                            hyper::Method::POST,
-                            &url,
-                            "/v1/retire",
-                            "application/json",
-                            body,
-                        )
-                        .await?;
+                    client.retire(&url, &heir).await?;
                     ctx.event(
                         replica,
                         false,

@@ -14,7 +14,7 @@ use crate::domain::links::{Link, LinkSettings, Topology, links};
 use crate::domain::scheduler::{
     Decision, LastDue, Limits, LinkGates, Scheduler, Task, TaskKind, Timetable, Trigger,
 };
-use crate::replica::server::{PushReport, StatusReport};
+use crate::replica::api::{PushReport, PushRequest, StatusReport};
 use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::num::{NonZeroU32, NonZeroU64};
@@ -434,9 +434,12 @@ fn spawn_task(
                 TaskKind::Incremental => 120,
                 TaskKind::Full => 1800,
             }));
-            let body = serde_json::json!({"to": to, "full": task.kind == TaskKind::Full});
+            let request = PushRequest {
+                to,
+                full: task.kind == TaskKind::Full,
+            };
             client
-                .send_json::<PushReport>(hyper::Method::POST, &from, "/v1/sync/push", &body)
+                .push(&from, &request)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -475,10 +478,7 @@ fn spawn_check(
                 .map_err(|e| e.to_string())?;
             let mut reports = Vec::new();
             for (name, url) in [(&link.from, &from), (&link.to, &to)] {
-                let report: StatusReport = client
-                    .get_json(url, "/v1/status")
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let report = client.status(url).await.map_err(|e| e.to_string())?;
                 if report.family != family.1 || report.replica != *name {
                     return Err(format!(
                         "{url} serves replica {} of family {}, not {name} of {}",

@@ -16,7 +16,7 @@ use crate::api::{
 };
 use crate::domain::compat::{Compatibility, FlPair};
 use crate::domain::planner::{self, FleetObserved, Plan, Refusal, Step};
-use crate::replica::server::StatusReport;
+use crate::replica::api::UpgradeRequest;
 use kube::ResourceExt;
 use std::sync::Arc;
 
@@ -159,7 +159,7 @@ async fn observe(
         let Some(url) = replica.status.as_ref().and_then(|s| s.endpoint.clone()) else {
             continue;
         };
-        match client.get_json::<StatusReport>(&url, "/v1/status").await {
+        match client.status(&url).await {
             Ok(report) => {
                 seen.pair = Some(FlPair::new(
                     report.schema_repository_feature_level,
@@ -295,20 +295,21 @@ pub async fn execute(
             feature_level,
         } => {
             let body = match step {
-                Step::RaiseSchemaRepository { .. } => {
-                    serde_json::json!({"schemaRepository": feature_level})
-                }
-                _ => serde_json::json!({"userDatabase": feature_level}),
+                Step::RaiseSchemaRepository { .. } => UpgradeRequest {
+                    schema_repository: Some(*feature_level),
+                    ..UpgradeRequest::default()
+                },
+                _ => UpgradeRequest {
+                    user_database: Some(*feature_level),
+                    ..UpgradeRequest::default()
+                },
             };
             let url = Ctx::endpoint_of(members, replica);
             match url {
                 None => Some(format!("replica {replica} has no address yet")),
                 Some(url) => {
                     let client = ctx.replica_client(&namespace, &family.name_any()).await?;
-                    match client
-                        .send_json::<StatusReport>(hyper::Method::POST, &url, "/v1/upgrade", &body)
-                        .await
-                    {
+                    match client.upgrade(&url, &body).await {
                         Ok(_) => {
                             ctx.event(family, false, "StepDone", "Upgrade", format!("{step}"))
                                 .await;

@@ -1,20 +1,20 @@
-//! A small HTTP client for talking to replica servers (the CLI and replica-to-replica
-//! pushes). Plain HTTP/1.1 over hyper; every call has a deadline.
+//! The HTTP transport under the replica API's client (and the few calls to other
+//! services: a gateway's outside endpoint, a client tier's status). Plain HTTP/1.1 over
+//! hyper; every call has a deadline. The routes and bodies are in `replica::api`.
 
+use crate::replica::api::{BootstrapState, ErrorBody, RELEASE_HEADER, Reason};
 use bytes_body::Full;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
 mod bytes_body {
     pub use http_body_util::Full;
 }
-
-/// Header carrying the caller's client release.
-pub const RELEASE_HEADER: &str = "x-multisite-release";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -24,36 +24,49 @@ pub enum HttpError {
     Unreachable { url: String, reason: String },
     #[error("{url} did not answer within {seconds} s")]
     Timeout { url: String, seconds: u64 },
-    /// The server answered with an error; `message` is its explanation.
+    /// The server answered with an error; `message` is its explanation, `reason` what
+    /// callers decide on.
     #[error("{message}")]
-    Status { status: u16, message: String },
+    Status {
+        status: u16,
+        reason: Reason,
+        message: String,
+    },
     #[error("{url} answered with something that is not the expected JSON: {reason}")]
     BadAnswer { url: String, reason: String },
     /// The pod serves no replica yet: it waits for its bootstrap (its `503` answer,
     /// read as the typed state it sends).
     #[error("{}", .0.error)]
-    AwaitingBootstrap(Box<crate::replica::bootstrap::BootstrapState>),
+    AwaitingBootstrap(Box<BootstrapState>),
+    #[error("cannot encode the request to {url}: {reason}")]
+    Encode { url: String, reason: String },
 }
 
-/// A client for one family: it carries the API token and, for record calls, a release.
+impl HttpError {
+    /// The reason of a refusal, if the server gave one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            HttpError::Status { reason, .. } => Some(*reason),
+            HttpError::AwaitingBootstrap(_) => Some(Reason::AwaitingBootstrap),
+            _ => None,
+        }
+    }
+}
+
+/// A client that carries a bearer token and, for item calls, a client release. Its
+/// clones share one connection pool.
 #[derive(Clone)]
-pub struct ReplicaClient {
+pub struct HttpClient {
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<bytes::Bytes>>,
     token: String,
     release: Option<String>,
     timeout: Duration,
 }
 
-/// What an error answer looks like.
-#[derive(serde::Deserialize)]
-struct ErrorBody {
-    error: String,
-}
-
-impl ReplicaClient {
+impl HttpClient {
     pub fn new(token: String, release: Option<String>) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        ReplicaClient {
+        HttpClient {
             client,
             token,
             release,
@@ -152,22 +165,24 @@ impl ReplicaClient {
             return Ok(bytes.to_vec());
         }
         if status == StatusCode::SERVICE_UNAVAILABLE
-            && let Ok(state) =
-                serde_json::from_slice::<crate::replica::bootstrap::BootstrapState>(&bytes)
+            && let Ok(state) = serde_json::from_slice::<BootstrapState>(&bytes)
             && state.awaiting_bootstrap
         {
             return Err(HttpError::AwaitingBootstrap(Box::new(state)));
         }
-        let message = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| {
+        let (reason, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => (body.reason, body.error),
+            Err(_) => (
+                Reason::Unknown,
                 format!(
                     "{base} answered {status}: {}",
                     String::from_utf8_lossy(&bytes).trim()
-                )
-            });
+                ),
+            ),
+        };
         Err(HttpError::Status {
             status: status.as_u16(),
+            reason,
             message,
         })
     }
@@ -183,27 +198,30 @@ impl ReplicaClient {
         parse(base, &bytes)
     }
 
-    pub async fn send_json<T: DeserializeOwned>(
+    pub async fn send_json<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         base: &str,
         path: &str,
-        body: &serde_json::Value,
+        body: &B,
     ) -> Result<T, HttpError> {
+        let body = encode(base, body)?;
         let bytes = self
-            .call(
-                method,
-                base,
-                path,
-                "application/json",
-                body.to_string().into_bytes(),
-            )
+            .call(method, base, path, "application/json", body)
             .await?;
         parse(base, &bytes)
     }
 }
 
-fn parse<T: DeserializeOwned>(base: &str, bytes: &[u8]) -> Result<T, HttpError> {
+/// A request body as JSON bytes.
+pub(crate) fn encode<B: Serialize>(base: &str, body: &B) -> Result<Vec<u8>, HttpError> {
+    serde_json::to_vec(body).map_err(|e| HttpError::Encode {
+        url: base.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+pub(crate) fn parse<T: DeserializeOwned>(base: &str, bytes: &[u8]) -> Result<T, HttpError> {
     serde_json::from_slice(bytes).map_err(|e| HttpError::BadAnswer {
         url: base.to_string(),
         reason: e.to_string(),
@@ -221,15 +239,9 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Whether an HTTP status means "refused by the rules" (so the CLI exits non-zero with it).
-pub fn is_conflict(status: u16) -> bool {
-    status == StatusCode::CONFLICT.as_u16()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::bootstrap::BootstrapState;
 
     /// Serves `status` with `body` on every path; returns the base URL.
     async fn answering(status: StatusCode, body: String) -> String {
@@ -260,18 +272,18 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new().fallback(|| async { "{}" });
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = ReplicaClient::new("t".into(), None);
+        let client = HttpClient::new("t".into(), None);
         for _ in 0..5 {
             let clone = client.clone().with_timeout(Duration::from_secs(5));
             clone
-                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .get_json::<serde_json::Value>(&base, "/anything")
                 .await
                 .unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // A client made anew opens a connection of its own.
-        ReplicaClient::new("t".into(), None)
-            .get_json::<serde_json::Value>(&base, "/v1/status")
+        HttpClient::new("t".into(), None)
+            .get_json::<serde_json::Value>(&base, "/anything")
             .await
             .unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -291,7 +303,7 @@ mod tests {
     /// A waiting pod's 503 is read as its typed state, not as text to match.
     #[tokio::test]
     async fn a_waiting_pod_answers_with_its_typed_state() {
-        let client = ReplicaClient::new("t".into(), None);
+        let client = HttpClient::new("t".into(), None);
         for state in [
             waiting(None, None),
             waiting(Some("cloning from a"), None),
@@ -303,7 +315,7 @@ mod tests {
             )
             .await;
             match client
-                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .get_json::<serde_json::Value>(&base, "/anything")
                 .await
             {
                 Err(HttpError::AwaitingBootstrap(got)) => assert_eq!(*got, state),
@@ -315,7 +327,7 @@ mod tests {
     /// Other 503 answers, and a body that only looks alike, stay plain status errors.
     #[tokio::test]
     async fn other_unavailable_answers_are_status_errors() {
-        let client = ReplicaClient::new("t".into(), None);
+        let client = HttpClient::new("t".into(), None);
         let mut not_waiting = serde_json::to_value(waiting(None, None)).unwrap();
         not_waiting["awaitingBootstrap"] = false.into();
         for (status, body) in [
@@ -331,7 +343,7 @@ mod tests {
         ] {
             let base = answering(status, body.clone()).await;
             match client
-                .get_json::<serde_json::Value>(&base, "/v1/status")
+                .get_json::<serde_json::Value>(&base, "/anything")
                 .await
             {
                 Err(HttpError::Status { status: got, .. }) => {

@@ -1,7 +1,7 @@
 //! The replica server: storage, the rules applied to it, its HTTP API, and the
 //! client that talks to it.
 
-pub mod bootstrap;
+pub mod api;
 pub mod http;
 pub mod secret;
 pub mod server;
@@ -27,5 +27,7 @@ pub fn builtin_record_types() -> Vec<RecordTypeDef> {
     }]
 }
 
+#[cfg(test)]
+mod api_tests;
 #[cfg(test)]
 mod store_tests;

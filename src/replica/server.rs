@@ -5,24 +5,29 @@
 //! mutex, so the async runtime never waits on disk.
 
 use crate::domain::compat::{Compatibility, FlPair, Raise};
-use crate::packet::change::{FieldValue, ItemKind, ItemState};
+use crate::packet::change::{FieldValue, ItemKind};
 use crate::packet::codec::{self, Limits, PacketHeader};
-use crate::replica::http::{HttpError, RELEASE_HEADER, ReplicaClient};
+use crate::replica::api::{
+    Acknowledged, CloneRequest, CreateItem, Digest, ErrorBody, ExportQuery, GatewayLease,
+    ID_TAG_HEADER, ImportReport, Item, ItemHistoryEntry, MoveMastership, PackageRequest,
+    PacketVersions, PushReport, PushRequest, RELEASE_HEADER, Reason, ReplicaClient, RetireRequest,
+    Session, Setting, StatusReport, UpdateItem, UpgradeRequest, route,
+};
+use crate::replica::http::HttpError;
 use crate::replica::secret::Secret;
-use crate::replica::store::{HeldPacket, ImportOutcome, Store, StoreError};
+use crate::replica::store::{ImportOutcome, Store, StoreError};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// Everything a request handler needs.
-pub struct Replica {
+pub struct ReplicaServer {
     store: Mutex<Store>,
     compat: Compatibility,
     secret: Secret,
@@ -31,22 +36,27 @@ pub struct Replica {
     /// after a restart the first gateway to ask gets it, and the other is refused at
     /// its next renewal.
     gateway_lease: Mutex<Option<(String, std::time::Instant)>>,
+    /// Pushes to peers go through this one client, so its connections are reused.
+    peers: ReplicaClient,
 }
 
-pub type Shared = Arc<Replica>;
+pub type Shared = Arc<ReplicaServer>;
 
-/// An error answer: status and a message a person can act on.
+/// An error answer: its reason, its status and a message a person can act on.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub status: StatusCode,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
         ApiError {
-            status,
+            status: StatusCode::from_u16(reason.status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            reason,
             message: message.into(),
         }
     }
@@ -54,127 +64,60 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let body = ErrorBody {
+            error: self.message,
+            reason: self.reason,
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        let status = match &err {
-            StoreError::Refused(_) => StatusCode::CONFLICT,
-            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
-            StoreError::Invalid(_) | StoreError::AlreadyExists { .. } => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        let reason = match &err {
+            StoreError::Refused(_) => Reason::Refused,
+            StoreError::NotFound { .. } => Reason::NotFound,
+            StoreError::Invalid(_) => Reason::Invalid,
+            StoreError::AlreadyExists { .. } => Reason::AlreadyExists,
+            _ => Reason::Internal,
         };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
+        if reason == Reason::Internal {
             tracing::error!(error = %err, "storage failure");
         }
-        ApiError::new(status, err.to_string())
+        ApiError::new(reason, err.to_string())
     }
 }
 
+/// A peer's refusal is passed on with its own reason and status; a peer that could
+/// not be asked is this replica's failure to reach it.
 impl From<HttpError> for ApiError {
     fn from(err: HttpError) -> Self {
-        let status = match &err {
-            HttpError::Status { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+        match &err {
+            HttpError::Status { status, reason, .. } => ApiError {
+                status: StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+                reason: *reason,
+                message: err.to_string(),
+            },
+            HttpError::BadUrl { .. } => ApiError::new(Reason::Invalid, err.to_string()),
+            HttpError::AwaitingBootstrap(_) => {
+                ApiError::new(Reason::AwaitingBootstrap, err.to_string())
             }
-            HttpError::BadUrl { .. } => StatusCode::BAD_REQUEST,
-            HttpError::AwaitingBootstrap(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        ApiError::new(status, err.to_string())
+            _ => ApiError::new(Reason::PeerFailed, err.to_string()),
+        }
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Packet versions a replica creates and accepts, as the status reports them.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct PacketVersions {
-    pub creates: i32,
-    pub accepts_min: i32,
-    pub accepts_max: i32,
-}
-
-/// `GET /v1/status`; field names follow the Replica resource's status.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusReport {
-    pub family: String,
-    pub replica: String,
-    pub id_prefix: String,
-    pub id_tag: String,
-    pub incarnation: u64,
-    pub schema_repository_feature_level: i32,
-    pub user_database_feature_level: i32,
-    pub metaschema_version: i32,
-    /// `null` while the replica is between the two steps of a paired move.
-    pub packet_version: Option<PacketVersions>,
-    /// Why the replica neither exports nor imports now, if so.
-    pub sync_blocked: Option<String>,
-    pub schema_version: u64,
-    pub user_database_schema_version: u64,
-    /// The replica where schema packages are applied.
-    pub schema_repository_master: String,
-    /// The replica the family's gateway is pinned to, once set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_replica: Option<String>,
-    pub epochs: BTreeMap<String, u64>,
-    pub held_packets: usize,
-    pub held: Vec<HeldPacket>,
-    pub peers: Vec<crate::replica::store::Peer>,
-    pub mastered: BTreeMap<String, u64>,
-    pub change_log: u64,
-    /// Set while the replica is being removed: the peers that still lack some of
-    /// its changes (empty: its data can be deleted).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub removal_pending: Option<Vec<String>>,
-    /// After a restore from backup: the peers that have not yet re-sent what the
-    /// backup lacks. The replica makes no changes until this is empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub restoring: Vec<String>,
-}
-
-/// What `POST /v1/sync/import` answers: the receiver's own report of what it committed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImportReport {
-    pub replica: String,
-    pub incarnation: u64,
-    pub epochs: BTreeMap<String, u64>,
-    pub applied: usize,
-    pub skipped: usize,
-    /// Set when the packet was held; says why.
-    pub held: Option<String>,
-    /// Held packets imported after this one.
-    pub released: usize,
-}
-
-/// What `POST /v1/sync/push` answers.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PushReport {
-    pub from: String,
-    pub to: String,
-    pub packets: usize,
-    pub changes_sent: usize,
-    pub applied: usize,
-    pub skipped: usize,
-    pub held: Option<String>,
-    /// Changes the peer still lacks after the push.
-    pub lag: u64,
-}
-
-impl Replica {
+impl ReplicaServer {
     pub fn new(store: Store, compat: Compatibility, secret: Secret) -> Shared {
-        Arc::new(Replica {
+        Arc::new(ReplicaServer {
             store: Mutex::new(store),
             compat,
-            secret,
             limits: Limits::default(),
             gateway_lease: Mutex::new(None),
+            peers: ReplicaClient::new(secret.api_token.clone(), None),
+            secret,
         })
     }
 
@@ -182,17 +125,18 @@ impl Replica {
     async fn with_store<T, F>(self: &Arc<Self>, f: F) -> ApiResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Store, &Replica) -> ApiResult<T> + Send + 'static,
+        F: FnOnce(&mut Store, &ReplicaServer) -> ApiResult<T> + Send + 'static,
     {
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let mut store = me.store.lock().map_err(|_| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage lock poisoned")
-            })?;
+            let mut store = me
+                .store
+                .lock()
+                .map_err(|_| ApiError::new(Reason::Internal, "storage lock poisoned"))?;
             f(&mut store, &me)
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(Reason::Internal, e.to_string()))?
     }
 
     fn pair(store: &Store) -> ApiResult<FlPair> {
@@ -283,12 +227,12 @@ impl Replica {
     /// retries held packets.
     fn import_packet(&self, store: &mut Store, bytes: &[u8]) -> ApiResult<ImportReport> {
         let packet = codec::decode(bytes, &self.secret.packets, &self.limits)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("packet refused: {e}")))?;
+            .map_err(|e| ApiError::new(Reason::Invalid, format!("packet refused: {e}")))?;
         let me = store.identity().clone();
         let h = &packet.header;
         if h.family != me.family {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+                Reason::Invalid,
                 format!(
                     "packet refused: it is for family {}, this replica belongs to {}",
                     h.family, me.family
@@ -297,7 +241,7 @@ impl Replica {
         }
         if h.target != me.replica {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+                Reason::Invalid,
                 format!(
                     "packet refused: it is for replica {}, this is {}",
                     h.target, me.replica
@@ -306,7 +250,7 @@ impl Replica {
         }
         if h.target_incarnation != me.incarnation {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
+                Reason::Refused,
                 format!(
                     "packet refused: it was made for incarnation {} of {}, which is now at incarnation {}; the sender must ask for the current state",
                     h.target_incarnation, me.replica, me.incarnation
@@ -315,7 +259,7 @@ impl Replica {
         }
         if h.sender_incarnation < store.peer_incarnation(&h.sender)? {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
+                Reason::Refused,
                 format!(
                     "packet refused: it was made by incarnation {} of {}, which has been restored from a backup since",
                     h.sender_incarnation, h.sender
@@ -428,7 +372,7 @@ impl Replica {
         peer_url: &str,
         max_packets: usize,
     ) -> ApiResult<PushReport> {
-        let client = ReplicaClient::new(self.secret.api_token.clone(), None);
+        let client = &self.peers;
         let me = self.with_store(|s, _| Ok(s.identity().clone())).await?;
         let mut report = PushReport {
             from: me.replica.clone(),
@@ -436,10 +380,10 @@ impl Replica {
         };
         for _ in 0..max_packets {
             // The peer's own word on what it committed is the only basis for sending.
-            let peer: StatusReport = client.get_json(peer_url, "/v1/status").await?;
+            let peer = client.status(peer_url).await?;
             if peer.family != me.family {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                    Reason::Invalid,
                     format!(
                         "{peer_url} serves replica {} of family {}, not of {}",
                         peer.replica, peer.family, me.family
@@ -458,7 +402,7 @@ impl Replica {
                     let pair = Self::pair(store)?;
                     if let Some(blocked) = replica.sync_blocked(pair) {
                         return Err(ApiError::new(
-                            StatusCode::CONFLICT,
+                            Reason::SyncBlocked,
                             format!("not exporting: {blocked}"),
                         ));
                     }
@@ -477,10 +421,8 @@ impl Replica {
                         target: peer_name.clone(),
                         target_incarnation: peer_inc,
                     };
-                    let bytes =
-                        codec::encode(&header, &changes, &replica.secret.packets).map_err(|e| {
-                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                        })?;
+                    let bytes = codec::encode(&header, &changes, &replica.secret.packets)
+                        .map_err(|e| ApiError::new(Reason::Internal, e.to_string()))?;
                     Ok((Some((bytes, changes.len())), lag))
                 })
                 .await?;
@@ -489,21 +431,7 @@ impl Replica {
                 return Ok(report);
             };
             report.lag = lag_before;
-            let answer = client
-                .call(
-                    hyper::Method::POST,
-                    peer_url,
-                    "/v1/sync/import",
-                    "application/octet-stream",
-                    bytes,
-                )
-                .await?;
-            let imported: ImportReport = serde_json::from_slice(&answer).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("{peer_url} answered an import with {e}"),
-                )
-            })?;
+            let imported = client.import(peer_url, bytes).await?;
             report.packets += 1;
             report.changes_sent += count;
             report.applied += imported.applied;
@@ -576,50 +504,6 @@ fn lag(mine: &BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>) -> u64 {
 // ---------------------------------------------------------------------------
 // Item representation on the wire: plain JSON values, typed by the schema.
 
-/// An item as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ItemView {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub item_type: String,
-    pub fields: BTreeMap<String, Value>,
-    pub master: String,
-    pub version: u64,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deleted: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
-}
-
-fn plain(value: &FieldValue) -> Value {
-    match value {
-        FieldValue::String(s) | FieldValue::Timestamp(s) | FieldValue::Reference(s) => {
-            Value::String(s.clone())
-        }
-        FieldValue::Integer(i) => Value::from(*i),
-        FieldValue::Boolean(b) => Value::Bool(*b),
-    }
-}
-
-impl From<&ItemState> for ItemView {
-    fn from(item: &ItemState) -> Self {
-        ItemView {
-            id: item.id.clone(),
-            item_type: item.item_type.clone(),
-            fields: item
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), plain(v)))
-                .collect(),
-            master: item.master.clone(),
-            version: item.version,
-            deleted: item.deleted,
-            owner: item.owner.clone(),
-        }
-    }
-}
-
 /// Turns a plain JSON value into the field's type (records) or a string (others).
 fn typed(
     store: &Store,
@@ -634,7 +518,7 @@ fn typed(
         Value::Bool(b) => b.to_string(),
         other => {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+                Reason::Invalid,
                 format!("field {name}: {other} is not a string, number or boolean"),
             ));
         }
@@ -647,27 +531,24 @@ fn typed(
 }
 
 fn kind_of(segment: &str) -> ApiResult<ItemKind> {
-    match segment {
-        "records" => Ok(ItemKind::Record),
-        "workspace-items" => Ok(ItemKind::WorkspaceItem),
-        "users" => Ok(ItemKind::User),
-        other => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no such collection {other:?}: use records, workspace-items or users"),
-        )),
-    }
+    crate::replica::api::kind_of_collection(segment).ok_or_else(|| {
+        ApiError::new(
+            Reason::NotFound,
+            format!("no such collection {segment:?}: use records, workspace-items or users"),
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------
 // Handlers.
 
 /// Refuses callers without the family's token.
-fn authorize(replica: &Replica, headers: &HeaderMap) -> ApiResult<()> {
+fn authorize(replica: &ReplicaServer, headers: &HeaderMap) -> ApiResult<()> {
     if token_matches(&replica.secret.api_token, headers) {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+            Reason::Unauthorized,
             "missing or wrong family token: callers need the family's secret",
         ))
     }
@@ -691,10 +572,10 @@ pub fn token_matches(expected: &str, headers: &HeaderMap) -> bool {
 }
 
 /// Refuses a client whose release cannot open this replica's feature levels.
-fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiResult<()> {
+fn check_release(replica: &ReplicaServer, store: &Store, headers: &HeaderMap) -> ApiResult<()> {
     let Some(release) = headers.get(RELEASE_HEADER).and_then(|v| v.to_str().ok()) else {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+            Reason::Invalid,
             format!("present your client release in the {RELEASE_HEADER} header"),
         ));
     };
@@ -704,7 +585,7 @@ fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiRe
             Ok(true) => {}
             Ok(false) => {
                 return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
+                    Reason::ReleaseRefused,
                     format!(
                         "client release {release} cannot open this replica: it is at feature level {} (schema repository) / {} (user database) and {release} does not support FL {fl}; upgrade the client to {}",
                         levels.schema_repository,
@@ -713,18 +594,10 @@ fn check_release(replica: &Replica, store: &Store, headers: &HeaderMap) -> ApiRe
                     ),
                 ));
             }
-            Err(e) => return Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string())),
+            Err(e) => return Err(ApiError::new(Reason::ReleaseRefused, e.to_string())),
         }
     }
     Ok(())
-}
-
-/// `POST /v1/gateway/lease`: a gateway process asks to be (or stay) the one that acts.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GatewayLease {
-    pub holder: String,
-    pub seconds: u64,
 }
 
 /// Grants the lease to `holder` when it is free, expired or already theirs; 409 naming
@@ -737,13 +610,13 @@ async fn gateway_lease(
     let mut lease = r
         .gateway_lease
         .lock()
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "lease lock poisoned"))?;
+        .map_err(|_| ApiError::new(Reason::Internal, "lease lock poisoned"))?;
     if let Some((holder, until)) = lease.as_ref()
         && *holder != body.holder
         && *until > now
     {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
+            Reason::LeaseHeld,
             format!(
                 "gateway {holder} acts for this replica for {} s more",
                 until.duration_since(now).as_secs()
@@ -759,17 +632,6 @@ async fn gateway_lease(
         holder: body.holder,
         seconds,
     }))
-}
-
-/// What `GET /v1/session` answers a client whose release may open this replica.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Session {
-    pub family: String,
-    pub replica: String,
-    pub release: String,
-    pub schema_repository_feature_level: i32,
-    pub user_database_feature_level: i32,
 }
 
 /// Opens a client session: refused (403, saying which release would do) when the
@@ -794,23 +656,12 @@ async fn session(State(r): State<Shared>, headers: HeaderMap) -> ApiResult<Json<
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateBody {
-    #[serde(rename = "type")]
-    item_type: Option<String>,
-    #[serde(default)]
-    fields: BTreeMap<String, Value>,
-    /// Users: the user's name; workspace items: the owner.
-    owner: Option<String>,
-}
-
 async fn create_item(
     State(r): State<Shared>,
     Path(kind): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<CreateBody>,
-) -> ApiResult<(StatusCode, Json<ItemView>)> {
+    Json(body): Json<CreateItem>,
+) -> ApiResult<(StatusCode, Json<Item>)> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -818,10 +669,7 @@ async fn create_item(
             (ItemKind::User, _) => "user".to_string(),
             (_, Some(t)) => t,
             (_, None) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "give the item's \"type\"",
-                ));
+                return Err(ApiError::new(Reason::Invalid, "give the item's \"type\""));
             }
         };
         let mut fields = BTreeMap::new();
@@ -829,7 +677,7 @@ async fn create_item(
             fields.insert(name.clone(), typed(store, kind, &item_type, name, value)?);
         }
         let item = store.create_item(kind, &item_type, fields, body.owner.as_deref())?;
-        Ok((StatusCode::CREATED, Json(ItemView::from(&item))))
+        Ok((StatusCode::CREATED, Json(Item::from(&item))))
     })
     .await
 }
@@ -838,31 +686,24 @@ async fn get_item(
     State(r): State<Shared>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<ItemView>> {
+) -> ApiResult<Json<Item>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
         match store.get_item(kind, &id)? {
-            Some(item) => Ok(Json(ItemView::from(&item))),
+            Some(item) => Ok(Json(Item::from(&item))),
             None => Err(StoreError::NotFound { kind, id }.into()),
         }
     })
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct UpdateBody {
-    /// New values; `null` removes a field.
-    fields: BTreeMap<String, Value>,
-}
-
 async fn update_item(
     State(r): State<Shared>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-    Json(body): Json<UpdateBody>,
-) -> ApiResult<Json<ItemView>> {
+    Json(body): Json<UpdateItem>,
+) -> ApiResult<Json<Item>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -881,9 +722,7 @@ async fn update_item(
             };
             changes.insert(name.clone(), v);
         }
-        Ok(Json(ItemView::from(
-            &store.update_item(kind, &id, changes)?,
-        )))
+        Ok(Json(Item::from(&store.update_item(kind, &id, changes)?)))
     })
     .await
 }
@@ -892,11 +731,11 @@ async fn delete_item(
     State(r): State<Shared>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<ItemView>> {
+) -> ApiResult<Json<Item>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
-        Ok(Json(ItemView::from(&store.delete_item(kind, &id)?)))
+        Ok(Json(Item::from(&store.delete_item(kind, &id)?)))
     })
     .await
 }
@@ -906,7 +745,7 @@ async fn list_items(
     Path(kind): Path<String>,
     Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-) -> ApiResult<Json<Vec<ItemView>>> {
+) -> ApiResult<Json<Vec<Item>>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -917,22 +756,22 @@ async fn list_items(
         let mut filters = Vec::new();
         for (key, value) in &query {
             if let Some(name) = key.strip_prefix("field.") {
-                let t = item_type.clone().ok_or_else(|| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "a field filter needs ?type=")
-                })?;
+                let t = item_type
+                    .clone()
+                    .ok_or_else(|| ApiError::new(Reason::Invalid, "a field filter needs ?type="))?;
                 filters.push((
                     name.to_string(),
                     typed(store, kind, &t, name, &Value::String(value.clone()))?,
                 ));
             } else if key != "type" {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                    Reason::Invalid,
                     format!("unknown query parameter {key:?}: use type= and field.NAME="),
                 ));
             }
         }
         let items = store.query(kind, item_type.as_deref(), &filters)?;
-        Ok(Json(items.iter().map(ItemView::from).collect()))
+        Ok(Json(items.iter().map(Item::from).collect()))
     })
     .await
 }
@@ -941,7 +780,7 @@ async fn item_history(
     State(r): State<Shared>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Json<Vec<ItemHistoryEntry>>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -952,12 +791,12 @@ async fn item_history(
         Ok(Json(
             entries
                 .iter()
-                .map(|e| {
-                    let mut entry = json!({"version": e.version, "origin": e.origin, "seq": e.seq, "state": ItemView::from(&e.state)});
-                    if let Some(from) = &e.forced_from {
-                        entry["forcedFrom"] = json!(from);
-                    }
-                    entry
+                .map(|e| ItemHistoryEntry {
+                    version: e.version,
+                    origin: e.origin.clone(),
+                    seq: e.seq,
+                    state: Item::from(&e.state),
+                    forced_from: e.forced_from.clone(),
                 })
                 .collect(),
         ))
@@ -965,21 +804,12 @@ async fn item_history(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct MastershipBody {
-    /// The new master; absent with `force` means "take over here".
-    to: Option<String>,
-    #[serde(default)]
-    force: bool,
-}
-
 async fn move_mastership(
     State(r): State<Shared>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
-    Json(body): Json<MastershipBody>,
-) -> ApiResult<Json<Vec<ItemView>>> {
+    Json(body): Json<MoveMastership>,
+) -> ApiResult<Json<Vec<Item>>> {
     let kind = kind_of(&kind)?;
     r.with_store(move |store, replica| {
         check_release(replica, store, &headers)?;
@@ -987,7 +817,7 @@ async fn move_mastership(
         let moved = match body.to {
             Some(to) if to != me && body.force => {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                    Reason::Invalid,
                     format!("a forced takeover makes this replica ({me}) the master; leave out the new master {to}, or leave out force"),
                 ));
             }
@@ -998,7 +828,7 @@ async fn move_mastership(
                 vec![item]
             }
         };
-        Ok(Json(moved.iter().map(ItemView::from).collect()))
+        Ok(Json(moved.iter().map(Item::from).collect()))
     })
     .await
 }
@@ -1008,12 +838,14 @@ async fn status(State(r): State<Shared>) -> ApiResult<Json<StatusReport>> {
         .await
 }
 
-async fn digest(State(r): State<Shared>) -> ApiResult<Json<Value>> {
+async fn digest(State(r): State<Shared>) -> ApiResult<Json<Digest>> {
     r.with_store(|store, _| {
         let (digest, items) = store.digest()?;
-        Ok(Json(
-            json!({"replica": store.identity().replica, "digest": digest, "items": items}),
-        ))
+        Ok(Json(Digest {
+            replica: store.identity().replica.clone(),
+            digest,
+            items,
+        }))
     })
     .await
 }
@@ -1023,17 +855,12 @@ async fn import(State(r): State<Shared>, body: Bytes) -> ApiResult<Json<ImportRe
         .await
 }
 
-#[derive(Deserialize)]
-struct ExportQuery {
-    peer: String,
-}
-
 async fn export(State(r): State<Shared>, Query(q): Query<ExportQuery>) -> ApiResult<Response> {
     r.with_store(move |store, replica| {
-        let pair = Replica::pair(store)?;
+        let pair = ReplicaServer::pair(store)?;
         if let Some(blocked) = replica.sync_blocked(pair) {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
+                Reason::SyncBlocked,
                 format!("not exporting: {blocked}"),
             ));
         }
@@ -1043,7 +870,7 @@ async fn export(State(r): State<Shared>, Query(q): Query<ExportQuery>) -> ApiRes
             .find(|p| p.name == q.peer)
             .ok_or_else(|| {
                 ApiError::new(
-                    StatusCode::NOT_FOUND,
+                    Reason::NotFound,
                     format!("{} is not a member of this family", q.peer),
                 )
             })?;
@@ -1057,7 +884,7 @@ async fn export(State(r): State<Shared>, Query(q): Query<ExportQuery>) -> ApiRes
             target_incarnation: peer.incarnation.max(1),
         };
         let bytes = codec::encode(&header, &changes, &replica.secret.packets)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            .map_err(|e| ApiError::new(Reason::Internal, e.to_string()))?;
         Ok(([("content-type", "application/octet-stream")], bytes).into_response())
     })
     .await
@@ -1068,19 +895,20 @@ async fn export(State(r): State<Shared>, Query(q): Query<ExportQuery>) -> ApiRes
 async fn acknowledge(
     State(r): State<Shared>,
     Json(report): Json<ImportReport>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Acknowledged>> {
     r.with_store(move |store, _| {
         if !store.peers()?.iter().any(|p| p.name == report.replica) {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+                Reason::Invalid,
                 format!("{} is not a member of this family", report.replica),
             ));
         }
         store.record_acknowledgement(&report.replica, report.incarnation, &report.epochs)?;
         store.confirm_member(&report.replica)?;
-        Ok(Json(
-            json!({"replica": store.identity().replica, "acknowledged": report.replica}),
-        ))
+        Ok(Json(Acknowledged {
+            replica: store.identity().replica.clone(),
+            acknowledged: report.replica,
+        }))
     })
     .await
 }
@@ -1090,16 +918,10 @@ pub const INCREMENTAL_PACKETS: usize = 64;
 /// Packets per full push: everything the peer lacks, within reason.
 pub const FULL_PACKETS: usize = 100_000;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PushBody {
-    to: String,
-    /// A full task: keep sending until the peer lacks nothing.
-    #[serde(default)]
-    full: bool,
-}
-
-async fn push(State(r): State<Shared>, Json(body): Json<PushBody>) -> ApiResult<Json<PushReport>> {
+async fn push(
+    State(r): State<Shared>,
+    Json(body): Json<PushRequest>,
+) -> ApiResult<Json<PushReport>> {
     let packets = if body.full {
         FULL_PACKETS
     } else {
@@ -1108,22 +930,14 @@ async fn push(State(r): State<Shared>, Json(body): Json<PushBody>) -> ApiResult<
     Ok(Json(r.push_packets(&body.to, packets).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct UpgradeBody {
-    schema_repository: Option<i32>,
-    user_database: Option<i32>,
-    user_database_schema: Option<u64>,
-}
-
 async fn upgrade(
     State(r): State<Shared>,
-    Json(body): Json<UpgradeBody>,
+    Json(body): Json<UpgradeRequest>,
 ) -> ApiResult<Json<StatusReport>> {
     r.with_store(move |store, replica| {
-        let pair = Replica::pair(store)?;
+        let pair = ReplicaServer::pair(store)?;
         let refuse =
-            |m: String| ApiError::new(StatusCode::CONFLICT, format!("upgrade refused: {m}"));
+            |m: String| ApiError::new(Reason::UpgradeRefused, format!("upgrade refused: {m}"));
         match (
             body.schema_repository,
             body.user_database,
@@ -1155,7 +969,7 @@ async fn upgrade(
             }
             _ => {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                    Reason::Invalid,
                     "give exactly one of schemaRepository, userDatabase, userDatabaseSchema",
                 ));
             }
@@ -1188,17 +1002,11 @@ async fn backup(State(r): State<Shared>) -> ApiResult<Response> {
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CloneBody {
-    replica: String,
-}
-
 /// Makes a copy of this replica's database for a new replica; answers the copy's
-/// bytes with the new replica's id tag in `x-multisite-id-tag`.
+/// bytes with the new replica's id tag in [`ID_TAG_HEADER`].
 async fn clone_replica(
     State(r): State<Shared>,
-    Json(body): Json<CloneBody>,
+    Json(body): Json<CloneRequest>,
 ) -> ApiResult<Response> {
     r.with_store(move |store, _| {
         let dir = store.path().parent().map(std::path::Path::to_path_buf).unwrap_or_default();
@@ -1214,7 +1022,7 @@ async fn clone_replica(
         let (tag, bytes) = bytes?;
         tracing::info!(replica = %body.replica, %tag, size = bytes.len(), "copy made for a new replica");
         Ok((
-            [("content-type", "application/octet-stream".to_string()), ("x-multisite-id-tag", tag)],
+            [("content-type", "application/octet-stream".to_string()), (ID_TAG_HEADER, tag)],
             bytes,
         )
             .into_response())
@@ -1222,25 +1030,17 @@ async fn clone_replica(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PackageBody {
-    package: String,
-    version: String,
-    record_types: Vec<crate::packet::change::RecordTypeDef>,
-}
-
 /// Applies a schema package (at the replica that masters the schema repository).
 async fn apply_package(
     State(r): State<Shared>,
-    Json(body): Json<PackageBody>,
+    Json(body): Json<PackageRequest>,
 ) -> ApiResult<Json<crate::packet::change::SchemaVersion>> {
     r.with_store(move |store, _| {
         for t in &body.record_types {
             for f in &t.fields {
                 if !["String", "Integer", "Boolean", "Timestamp", "Reference"].contains(&f.field_type.as_str()) {
                     return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
+                        Reason::Invalid,
                         format!("field {} of {}: unknown type {:?}", f.name, t.name, f.field_type),
                     ));
                 }
@@ -1253,24 +1053,17 @@ async fn apply_package(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SettingBody {
-    key: String,
-    value: String,
-}
-
 /// Sets a family-wide setting (the gateway's replica; the schema repository's
 /// master, only at its current master).
 async fn set_setting(
     State(r): State<Shared>,
-    Json(body): Json<SettingBody>,
+    Json(body): Json<Setting>,
 ) -> ApiResult<Json<StatusReport>> {
     r.with_store(move |store, replica| {
         use crate::packet::change::{GATEWAY_REPLICA, SCHEMA_MASTER};
         let members = store.peers()?;
         if !members.iter().any(|p| p.name == body.value && p.active) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("{} is not an active member of the family", body.value)));
+            return Err(ApiError::new(Reason::Invalid, format!("{} is not an active member of the family", body.value)));
         }
         match body.key.as_str() {
             GATEWAY_REPLICA => {}
@@ -1278,14 +1071,14 @@ async fn set_setting(
                 let master = store.schema_master()?;
                 if master != store.identity().replica {
                     return Err(ApiError::new(
-                        StatusCode::CONFLICT,
+                        Reason::Refused,
                         format!("the schema repository is mastered at replica {master}; move it from there"),
                     ));
                 }
             }
             other => {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
+                    Reason::Invalid,
                     format!("unknown setting {other:?}: use {GATEWAY_REPLICA} or {SCHEMA_MASTER}"),
                 ));
             }
@@ -1309,16 +1102,10 @@ async fn forget_member(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetireBody {
-    to: String,
-}
-
 /// Starts removing this replica: its mastership moves to `to` and it stops making changes.
 async fn retire(
     State(r): State<Shared>,
-    Json(body): Json<RetireBody>,
+    Json(body): Json<RetireRequest>,
 ) -> ApiResult<Json<StatusReport>> {
     r.with_store(move |store, replica| {
         let moved = store.retire(&body.to)?;
@@ -1337,7 +1124,7 @@ async fn already_bootstrapped(State(r): State<Shared>) -> ApiResult<Json<Value>>
     r.with_store(|store, _| {
         let id = store.identity();
         Err(ApiError::new(
-            StatusCode::CONFLICT,
+            Reason::AlreadyBootstrapped,
             format!(
                 "replica {} of family {} is already bootstrapped",
                 id.replica, id.family
@@ -1363,42 +1150,42 @@ async fn require_token(
 pub fn router(replica: Shared) -> Router {
     let packet_limit = replica.limits.max_packet_bytes;
     let api = Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/session", get(session))
-        .route("/v1/gateway/lease", post(gateway_lease))
+        .route(route::STATUS, get(status))
+        .route(route::SESSION, get(session))
+        .route(route::GATEWAY_LEASE, post(gateway_lease))
         .route(
-            "/v1/bootstrap",
+            route::BOOTSTRAP,
             get(already_bootstrapped).post(already_bootstrapped),
         )
-        .route("/v1/digest", get(digest))
-        .route("/v1/upgrade", post(upgrade))
-        .route("/v1/clone", post(clone_replica))
-        .route("/v1/backup", post(backup))
-        .route("/v1/retire", post(retire))
-        .route("/v1/members/{name}/forget", post(forget_member))
-        .route("/v1/schema-packages", post(apply_package))
-        .route("/v1/settings", post(set_setting))
+        .route(route::DIGEST, get(digest))
+        .route(route::UPGRADE, post(upgrade))
+        .route(route::CLONE, post(clone_replica))
+        .route(route::BACKUP, post(backup))
+        .route(route::RETIRE, post(retire))
+        .route(route::FORGET_MEMBER, post(forget_member))
+        .route(route::SCHEMA_PACKAGES, post(apply_package))
+        .route(route::SETTINGS, post(set_setting))
         .route(
-            "/v1/sync/import",
+            route::SYNC_IMPORT,
             post(import).layer(axum::extract::DefaultBodyLimit::max(packet_limit)),
         )
-        .route("/v1/sync/export", get(export))
-        .route("/v1/sync/push", post(push))
-        .route("/v1/sync/acknowledge", post(acknowledge))
-        .route("/v1/{kind}", get(list_items).post(create_item))
+        .route(route::SYNC_EXPORT, get(export))
+        .route(route::SYNC_PUSH, post(push))
+        .route(route::SYNC_ACKNOWLEDGE, post(acknowledge))
+        .route(route::ITEMS, get(list_items).post(create_item))
         .route(
-            "/v1/{kind}/{id}",
+            route::ITEM,
             get(get_item).patch(update_item).delete(delete_item),
         )
-        .route("/v1/{kind}/{id}/history", get(item_history))
-        .route("/v1/{kind}/{id}/mastership", post(move_mastership))
+        .route(route::ITEM_HISTORY, get(item_history))
+        .route(route::ITEM_MASTERSHIP, post(move_mastership))
         .route_layer(axum::middleware::from_fn_with_state(
             replica.clone(),
             require_token,
         ));
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+        .route(route::HEALTHZ, get(healthz))
+        .route(route::READYZ, get(healthz))
         .merge(api)
         .with_state(replica)
 }

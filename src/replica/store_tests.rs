@@ -6,10 +6,10 @@ use crate::packet::change::{FieldValue, ItemKind};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-struct TempDir(PathBuf);
+pub(super) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> TempDir {
+    pub(super) fn new(name: &str) -> TempDir {
         let dir = std::env::temp_dir().join(format!(
             "multisite-store-{}-{}-{}",
             name,
@@ -29,7 +29,7 @@ impl Drop for TempDir {
     }
 }
 
-fn init(dir: &TempDir, replica: &str) -> Store {
+pub(super) fn init(dir: &TempDir, replica: &str) -> Store {
     Store::init(
         &dir.0,
         &InitParams {

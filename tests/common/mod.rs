@@ -7,8 +7,9 @@
 // Each test file uses a different part of the harness.
 #![allow(dead_code)]
 
-use multisite::replica::http::ReplicaClient;
-use serde_json::{Value, json};
+use multisite::packet::change::ItemKind;
+use multisite::replica::api::{CreateItem, ReplicaClient};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -531,16 +532,13 @@ impl Api {
         self.runtime.block_on(async {
             let mut ids = Vec::with_capacity(count);
             for i in 0..count {
-                let body = json!({
-                    "type": "Defect",
-                    "fields": {"headline": format!("{headline} {i}"), "state": "open"}
-                });
-                let item: Value = self
+                let body = defect(&[("headline", &format!("{headline} {i}")), ("state", "open")]);
+                let item = self
                     .client
-                    .send_json(hyper::Method::POST, url, "/v1/records", &body)
+                    .create_item(url, ItemKind::Record, &body)
                     .await
                     .unwrap_or_else(|e| panic!("create a Defect at {url}: {e}"));
-                ids.push(item["id"].as_str().expect("an id").to_string());
+                ids.push(item.id);
             }
             ids
         })
@@ -549,14 +547,25 @@ impl Api {
     /// Creates one Defect; `Err` carries the failure (e.g. a server that was killed).
     pub fn try_create(&self, url: &str, headline: &str) -> Result<String, String> {
         self.runtime.block_on(async {
-            let body = json!({"type": "Defect", "fields": {"headline": headline}});
-            let item: Value = self
+            let item = self
                 .client
-                .send_json(hyper::Method::POST, url, "/v1/records", &body)
+                .create_item(url, ItemKind::Record, &defect(&[("headline", headline)]))
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(item["id"].as_str().unwrap_or_default().to_string())
+            Ok(item.id)
         })
+    }
+}
+
+/// A Defect with these fields, as the replica API creates it.
+pub fn defect(fields: &[(&str, &str)]) -> CreateItem {
+    CreateItem {
+        item_type: Some("Defect".into()),
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect(),
+        owner: None,
     }
 }
 
