@@ -49,8 +49,8 @@ pub struct Ctx {
     pub topology_errors: Mutex<HashMap<FamilyKey, String>>,
     /// Manual tasks waiting for the sync runner.
     pub manual: Mutex<Vec<ManualRequest>>,
-    /// Consecutive failures per object, for the back-off of the error policy.
-    pub failures: Mutex<HashMap<String, u32>>,
+    /// The error policy's back-off of each object whose last reconcile failed.
+    pub backoffs: super::reconcile::Backoffs,
     /// One replica client per family: its token, and one connection pool that every
     /// call to the family's replicas shares.
     replica_clients: Mutex<HashMap<FamilyKey, ReplicaClient>>,
@@ -89,7 +89,7 @@ impl Ctx {
             links: Mutex::default(),
             topology_errors: Mutex::default(),
             manual: Mutex::default(),
-            failures: Mutex::default(),
+            backoffs: Default::default(),
             replica_clients: Mutex::default(),
             secrets: Mutex::default(),
             announced: Mutex::default(),
@@ -180,18 +180,6 @@ impl Ctx {
         std::mem::take(&mut *locked(&self.manual))
     }
 
-    /// Records a failure of `key` and says how long to wait: 1 s doubling to 5 min.
-    pub fn backoff(&self, key: &str) -> Duration {
-        let mut failures = locked(&self.failures);
-        let n = failures.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
-    }
-
-    pub fn succeeded(&self, key: &str) {
-        locked(&self.failures).remove(key);
-    }
-
     /// Publishes a Kubernetes Event about `object`; a failure to publish is logged only.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
@@ -243,10 +231,7 @@ impl Ctx {
         let value =
             crate::replica::secret::generate().map_err(|e| OperatorError::Secret(e.to_string()))?;
         let object = builders::family_secret(family, &value);
-        match api
-            .create(&Default::default(), &serde_json::from_value(object)?)
-            .await
-        {
+        match api.create(&Default::default(), &object).await {
             Ok(_) => {
                 locked(&self.secrets).insert(key);
                 self.event(
@@ -312,16 +297,24 @@ impl Ctx {
 pub async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
-    status: &impl serde::Serialize,
+    status: &(impl serde::Serialize + std::fmt::Debug),
 ) -> Result<(), OperatorError>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
+    /// The apply configuration of a status: the object's kind and its status only.
+    #[derive(Debug, serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct StatusApply<'a, S> {
+        api_version: &'a str,
+        kind: &'a str,
+        status: &'a S,
+    }
+    let patch = StatusApply {
+        api_version: &K::api_version(&()),
+        kind: &K::kind(&()),
+        status,
+    };
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -332,11 +325,11 @@ where
 }
 
 /// Applies an object built by [`builders`] with server-side apply.
-pub async fn apply_object<K>(api: &Api<K>, object: &serde_json::Value) -> Result<(), OperatorError>
+pub async fn apply_object<K>(api: &Api<K>, object: &K) -> Result<(), OperatorError>
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let name = object.meta().name.as_deref().unwrap_or_default();
     api.patch(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),

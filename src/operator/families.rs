@@ -193,28 +193,7 @@ pub fn verdicts(
 }
 
 pub async fn reconcile(family: Arc<ReplicaFamily>, ctx: Arc<Ctx>) -> Result<Action, OperatorError> {
-    let key = format!(
-        "family/{}/{}",
-        family.namespace().unwrap_or_default(),
-        family.name_any()
-    );
-    let result = apply(&family, &ctx).await;
-    ctx.metrics.reconciled("ReplicaFamily", result.is_err());
-    if result.is_ok() {
-        ctx.succeeded(&key);
-    }
-    result
-}
-
-pub fn error_policy(family: Arc<ReplicaFamily>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
-    let key = format!(
-        "family/{}/{}",
-        family.namespace().unwrap_or_default(),
-        family.name_any()
-    );
-    let wait = ctx.backoff(&key);
-    tracing::warn!(family = %family.name_any(), %error, retry_in = ?wait, "reconcile failed");
-    Action::requeue(wait)
+    super::reconcile::instrumented(family.as_ref(), &ctx, apply(&family, &ctx)).await
 }
 
 async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorError> {
@@ -418,19 +397,33 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
-/// Every status field the operator writes, in one apply: an apply that left one out
-/// would remove it, as the operator's single field manager owns them all.
-fn owned_status(status: &ReplicaFamilyStatus) -> serde_json::Value {
-    serde_json::json!({
-        "observedGeneration": status.observed_generation,
-        "conditions": status.conditions,
-        "featureLevel": status.feature_level,
-        "maxLagChanges": status.max_lag_changes,
-        "links": status.links,
-        "clients": status.clients,
-        "plan": status.plan,
-        "gateway": status.gateway,
-    })
+/// Every status field the operator writes, each named even when empty, in one apply:
+/// an apply that left one out would remove it, as the operator's single field manager
+/// owns them all.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnedStatus<'a> {
+    observed_generation: Option<i64>,
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    feature_level: Option<i32>,
+    max_lag_changes: Option<i64>,
+    links: &'a [crate::api::LinkStatus],
+    clients: &'a [crate::api::ClientTierStatus],
+    plan: Option<&'a crate::api::PlanStatus>,
+    gateway: Option<&'a crate::api::GatewayStatus>,
+}
+
+fn owned_status(status: &ReplicaFamilyStatus) -> OwnedStatus<'_> {
+    OwnedStatus {
+        observed_generation: status.observed_generation,
+        conditions: &status.conditions,
+        feature_level: status.feature_level,
+        max_lag_changes: status.max_lag_changes,
+        links: &status.links,
+        clients: &status.clients,
+        plan: status.plan.as_ref(),
+        gateway: status.gateway.as_ref(),
+    }
 }
 
 #[cfg(test)]

@@ -289,7 +289,7 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
         match secrets
             .create(
                 &Default::default(),
-                &serde_json::from_value(builders::gateway_token_secret(family, &token))?,
+                &builders::gateway_token_secret(family, &token),
             )
             .await
         {

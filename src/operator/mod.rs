@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod leader;
 pub mod metrics;
 pub mod others;
+pub mod reconcile;
 pub mod replicas;
 pub mod sync;
 pub mod upgrade;
@@ -264,21 +265,21 @@ async fn run_scope(
     tokio::join!(
         replicas
             .graceful_shutdown_on(stop(stopped.clone()))
-            .run(replicas::reconcile, replicas::error_policy, ctx.clone())
+            .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         families
             .graceful_shutdown_on(stop(stopped.clone()))
-            .run(families::reconcile, families::error_policy, ctx.clone())
+            .run(families::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         sites
             .graceful_shutdown_on(stop(stopped.clone()))
-            .run(others::reconcile_site, others::site_error, ctx.clone())
+            .run(others::reconcile_site, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         packages
             .graceful_shutdown_on(stop(stopped.clone()))
             .run(
                 others::reconcile_package,
-                others::package_error,
+                reconcile::error_policy,
                 ctx.clone()
             )
             .for_each(|_| std::future::ready(())),

@@ -34,6 +34,10 @@ fn set_all(
 }
 
 pub async fn reconcile_site(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action, OperatorError> {
+    super::reconcile::instrumented(site.as_ref(), &ctx, site_once(&site, &ctx)).await
+}
+
+async fn site_once(site: &Site, ctx: &Ctx) -> Result<Action, OperatorError> {
     let namespace = site.namespace().unwrap_or_default();
     let name = site.name_any();
     let mut hosted: Vec<String> = ctx
@@ -71,18 +75,7 @@ pub async fn reconcile_site(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action, Op
     } else {
         Ok(())
     };
-    ctx.metrics.reconciled("Site", result.is_err());
     result.map(|_| Action::requeue(Duration::from_secs(60)))
-}
-
-pub fn site_error(site: Arc<Site>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
-    let wait = ctx.backoff(&format!(
-        "site/{}/{}",
-        site.namespace().unwrap_or_default(),
-        site.name_any()
-    ));
-    tracing::warn!(site = %site.name_any(), %error, retry_in = ?wait, "reconcile failed");
-    Action::requeue(wait)
 }
 
 /// Why a package cannot be applied to its family's schema, if so (pure).
@@ -113,6 +106,10 @@ pub async fn reconcile_package(
     package: Arc<SchemaPackage>,
     ctx: Arc<Ctx>,
 ) -> Result<Action, OperatorError> {
+    super::reconcile::instrumented(package.as_ref(), &ctx, package_once(&package, &ctx)).await
+}
+
+async fn package_once(package: &SchemaPackage, ctx: &Ctx) -> Result<Action, OperatorError> {
     let namespace = package.namespace().unwrap_or_default();
     let name = package.name_any();
     let generation = package.metadata.generation;
@@ -127,7 +124,7 @@ pub async fn reconcile_package(
         .collect();
     let values = match (
         ctx.family(&namespace, &package.spec.family),
-        package_problem(&package, &base),
+        package_problem(package, &base),
     ) {
         (None, _) => {
             let m = format!(
@@ -146,7 +143,7 @@ pub async fn reconcile_package(
             (DEGRADED, true, "Invalid", problem),
         ],
         (Some(_), None) => {
-            let waiting = roll_out(&ctx, &package, &mut status).await;
+            let waiting = roll_out(ctx, package, &mut status).await;
             let waiting = match waiting {
                 Ok(w) => w,
                 Err(e) => Some(format!("rollout: {e}")),
@@ -186,7 +183,6 @@ pub async fn reconcile_package(
     } else {
         Ok(())
     };
-    ctx.metrics.reconciled("SchemaPackage", result.is_err());
     let done = conditions::is_true(&status.conditions, READY);
     // Done packages are looked at again now and then, for replicas added later.
     result.map(|_| Action::requeue(Duration::from_secs(if done { 10 } else { 3 })))
@@ -317,16 +313,6 @@ async fn roll_out(
             pending.join(", ")
         )
     }))
-}
-
-pub fn package_error(package: Arc<SchemaPackage>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
-    let wait = ctx.backoff(&format!(
-        "package/{}/{}",
-        package.namespace().unwrap_or_default(),
-        package.name_any()
-    ));
-    tracing::warn!(package = %package.name_any(), %error, retry_in = ?wait, "reconcile failed");
-    Action::requeue(wait)
 }
 
 #[cfg(test)]

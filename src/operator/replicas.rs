@@ -286,15 +286,18 @@ async fn set_finalizers(
 }
 
 pub async fn reconcile(replica: Arc<Replica>, ctx: Arc<Ctx>) -> Result<Action, OperatorError> {
+    super::reconcile::instrumented(replica.as_ref(), &ctx, reconcile_once(&replica, &ctx)).await
+}
+
+async fn reconcile_once(replica: &Replica, ctx: &Ctx) -> Result<Action, OperatorError> {
     let namespace = replica.namespace().unwrap_or_default();
     let api: Api<Replica> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = format!("replica/{namespace}/{}", replica.name_any());
     let held = replica.finalizers().iter().any(|f| f == FINALIZER);
-    let result = if replica.metadata.deletion_timestamp.is_some() {
+    if replica.metadata.deletion_timestamp.is_some() {
         if !held {
             Ok(Action::await_change())
         } else {
-            match remove(&replica, &ctx, &api).await {
+            match remove(replica, ctx, &api).await {
                 Ok(Removal::Wait(after)) => Ok(Action::requeue(after)),
                 Ok(Removal::Done) => {
                     let rest: Vec<String> = replica
@@ -303,7 +306,7 @@ pub async fn reconcile(replica: Arc<Replica>, ctx: Arc<Ctx>) -> Result<Action, O
                         .filter(|f| *f != FINALIZER)
                         .cloned()
                         .collect();
-                    set_finalizers(&api, &replica, rest)
+                    set_finalizers(&api, replica, rest)
                         .await
                         .map(|()| Action::await_change())
                 }
@@ -314,17 +317,12 @@ pub async fn reconcile(replica: Arc<Replica>, ctx: Arc<Ctx>) -> Result<Action, O
         // The finalizer first, so that a deletion always runs the removal workflow.
         let mut all = replica.finalizers().to_vec();
         all.push(FINALIZER.to_string());
-        set_finalizers(&api, &replica, all)
+        set_finalizers(&api, replica, all)
             .await
             .map(|()| Action::requeue(Duration::from_millis(100)))
     } else {
-        apply(&replica, &ctx, &api).await
-    };
-    ctx.metrics.reconciled("Replica", result.is_err());
-    if result.is_ok() {
-        ctx.succeeded(&key);
+        apply(replica, ctx, &api).await
     }
-    result
 }
 
 /// Where the removal workflow stands.
@@ -333,17 +331,6 @@ enum Removal {
     Wait(Duration),
     /// Everything is gone; the finalizer may go.
     Done,
-}
-
-pub fn error_policy(replica: Arc<Replica>, error: &OperatorError, ctx: Arc<Ctx>) -> Action {
-    let key = format!(
-        "replica/{}/{}",
-        replica.namespace().unwrap_or_default(),
-        replica.name_any()
-    );
-    let wait = ctx.backoff(&key);
-    tracing::warn!(replica = %replica.name_any(), %error, retry_in = ?wait, "reconcile failed");
-    Action::requeue(wait)
 }
 
 async fn write(
