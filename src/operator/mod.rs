@@ -16,6 +16,8 @@ pub mod leader;
 pub mod metrics;
 pub mod others;
 pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod replicas;
 pub mod sync;
 pub mod upgrade;
