@@ -1415,3 +1415,43 @@ async fn pod_logs_are_served_from_the_container_log_files() {
         "one\ntwo\nthree\nfour\n"
     );
 }
+
+/// A server-side apply that changes nothing writes nothing, as on a real server: the
+/// resourceVersion stays and no watch event is sent; a changed apply is written.
+#[tokio::test]
+async fn an_apply_that_changes_nothing_writes_nothing() {
+    let url = start().await;
+    let client = client(&url);
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let params = kube::api::PatchParams::apply("multisite-operator").force();
+    let body = config_map("same", json!({"a": "1"}));
+    let first = api
+        .patch("same", &params, &kube::api::Patch::Apply(&body))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let second = api
+        .patch("same", &params, &kube::api::Patch::Apply(&body))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.metadata.resource_version,
+        second.metadata.resource_version
+    );
+    assert_eq!(
+        first.metadata.managed_fields,
+        second.metadata.managed_fields
+    );
+    let changed = api
+        .patch(
+            "same",
+            &params,
+            &kube::api::Patch::Apply(&config_map("same", json!({"a": "2"}))),
+        )
+        .await
+        .unwrap();
+    assert_ne!(
+        changed.metadata.resource_version,
+        second.metadata.resource_version
+    );
+}

@@ -42,6 +42,11 @@ pub struct Ctx {
     pub image: Image,
     pub replicas: Store<Replica>,
     pub families: Store<ReplicaFamily>,
+    /// Families whose link states changed, for the family controller to reconcile now
+    /// (instead of polling the links on a fixed requeue).
+    family_changes: futures::channel::mpsc::UnboundedSender<ObjectRef<ReplicaFamily>>,
+    family_triggers:
+        Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>>>,
     pub sites: Store<Site>,
     /// The sync runner's view of each family's links, for the family's status.
     pub links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
@@ -77,7 +82,10 @@ impl Ctx {
         image: Image,
         stores: (Store<Replica>, Store<ReplicaFamily>, Store<Site>),
     ) -> Self {
+        let (family_changes, family_triggers) = futures::channel::mpsc::unbounded();
         Ctx {
+            family_changes,
+            family_triggers: Mutex::new(Some(family_triggers)),
             client,
             compat: crate::domain::compat::Compatibility::builtin(),
             recorder,
@@ -134,8 +142,28 @@ impl Ctx {
             .and_then(|r| r.status.as_ref()?.endpoint.clone())
     }
 
+    /// Records a family's link states; when they changed, the family is reconciled.
     pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
-        locked(&self.links).insert(key, links);
+        let changed = locked(&self.links).insert(key.clone(), links.clone()) != Some(links);
+        if changed {
+            self.family_changed(&key);
+        }
+    }
+
+    /// Asks the family controller to reconcile `key` now.
+    pub fn family_changed(&self, key: &FamilyKey) {
+        // A closed channel means the controller stopped; nothing is left to tell.
+        let _ = self
+            .family_changes
+            .unbounded_send(ObjectRef::new(&key.1).within(&key.0));
+    }
+
+    /// The stream of families to reconcile because their links changed; the family
+    /// controller takes it once.
+    pub fn take_family_triggers(
+        &self,
+    ) -> Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>> {
+        locked(&self.family_triggers).take()
     }
 
     pub fn links_of(&self, key: &FamilyKey) -> Vec<LinkStatus> {
@@ -143,14 +171,15 @@ impl Ctx {
     }
 
     pub fn set_topology_error(&self, key: FamilyKey, error: Option<String>) {
-        let mut errors = locked(&self.topology_errors);
-        match error {
-            Some(e) => {
-                errors.insert(key, e);
+        let changed = {
+            let mut errors = locked(&self.topology_errors);
+            match error {
+                Some(e) => errors.insert(key.clone(), e.clone()) != Some(e),
+                None => errors.remove(&key).is_some(),
             }
-            None => {
-                errors.remove(&key);
-            }
+        };
+        if changed {
+            self.family_changed(&key);
         }
     }
 

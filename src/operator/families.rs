@@ -394,7 +394,28 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     if let Some(plan) = &ours.plan {
         ctx.remember_plan(plan_key, plan.clone());
     }
-    Ok(Action::requeue(Duration::from_secs(2)))
+    Ok(Action::requeue(next_look(
+        &ours.conditions,
+        family.spec.gateway.is_some(),
+    )))
+}
+
+/// When to look at a family again without a change to trigger it. Changes of the family,
+/// its Replicas, its Deployments and its links trigger a reconcile at once; what no
+/// watch reports (a replica's answers, the gateway's own report) is polled: often while
+/// the family is on its way somewhere, seldom once it is settled.
+fn next_look(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    gateway: bool,
+) -> Duration {
+    let settled =
+        conditions::is_true(conditions, READY) && !conditions::is_true(conditions, PROGRESSING);
+    match (settled, gateway) {
+        (false, _) => Duration::from_secs(2),
+        // The gateway's delivery counts come from its pod, not from a watch.
+        (true, true) => Duration::from_secs(10),
+        (true, false) => Duration::from_secs(30),
+    }
 }
 
 /// Every status field the operator writes, each named even when empty, in one apply:

@@ -27,7 +27,7 @@ use crate::api::ReplicaFamily;
 use crate::api::SchemaPackage;
 use crate::api::Site;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Resource;
 use kube::api::Api;
@@ -229,14 +229,15 @@ async fn run_scope(
     let replica_api: Api<Replica> = api(&client, &scope);
     let replicas = Controller::new(replica_api.clone(), config.clone())
         .owns(api::<StatefulSet>(&client, &scope), config.clone());
-    let families = Controller::new(api::<ReplicaFamily>(&client, &scope), config.clone()).watches(
-        replica_api.clone(),
-        config.clone(),
-        |r: Replica| {
+    // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
+    // client tiers and gateway) changes, and when the sync runner's link states for it
+    // change (the trigger stream, joined once the context exists).
+    let families = Controller::new(api::<ReplicaFamily>(&client, &scope), config.clone())
+        .watches(replica_api.clone(), config.clone(), |r: Replica| {
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.family).within(&namespace))
-        },
-    );
+        })
+        .owns(api::<Deployment>(&client, &scope), config.clone());
     let sites = Controller::new(api::<Site>(&client, &scope), config.clone()).watches(
         replica_api.clone(),
         config.clone(),
@@ -260,6 +261,10 @@ async fn run_scope(
         settings.image.clone(),
         (replicas.store(), families.store(), sites.store()),
     ));
+    let families = match ctx.take_family_triggers() {
+        Some(triggers) => families.reconcile_on(triggers),
+        None => families,
+    };
     let stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
         let _ = rx.wait_for(|s| *s).await;

@@ -558,6 +558,7 @@ pub fn apply(
     leaf_paths(applied, &mut Vec::new(), &mut new_paths);
     let entries = current.map(managed_entries).unwrap_or_default();
     let mut mine_before = Vec::new();
+    let mut mine_before_entry: Option<Value> = None;
     let mut others: Vec<(Value, Vec<FieldPath>)> = Vec::new();
     for entry in entries {
         let mut paths = Vec::new();
@@ -566,6 +567,7 @@ pub fn apply(
             && entry["operation"].as_str() == Some("Apply");
         if is_mine {
             mine_before = paths;
+            mine_before_entry = Some(entry);
         } else {
             others.push((entry, paths));
         }
@@ -625,13 +627,26 @@ pub fn apply(
         entry["fieldsV1"] = fields_v1(&paths);
         managed.push(entry);
     }
+    let fields = fields_v1(&new_paths);
+    // An apply of the same fields keeps the entry's time, as the real server does, so
+    // that an apply that changes nothing writes nothing (no new resourceVersion, no
+    // watch event).
+    let time = match &mine_before_entry {
+        Some(entry)
+            if entry["fieldsV1"] == fields
+                && entry["apiVersion"].as_str() == Some(request.api_version) =>
+        {
+            entry["time"].clone()
+        }
+        _ => json!(request.time),
+    };
     managed.push(json!({
         "manager": request.manager,
         "operation": "Apply",
         "apiVersion": request.api_version,
-        "time": request.time,
+        "time": time,
         "fieldsType": "FieldsV1",
-        "fieldsV1": fields_v1(&new_paths),
+        "fieldsV1": fields,
     }));
     if let Some(meta) = merged
         .as_object_mut()
