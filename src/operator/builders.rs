@@ -213,8 +213,16 @@ fn secret_volume(name: &str, secret: &str) -> Volume {
     }
 }
 
-fn args(list: &[&str]) -> Option<Vec<String>> {
-    Some(list.iter().map(|a| a.to_string()).collect())
+/// A container of the product's image running `multisite ARGS`, unprivileged.
+fn product_container(name: &str, image: &Image, args: &[&str]) -> Container {
+    Container {
+        name: name.to_string(),
+        image: Some(image.reference.clone()),
+        image_pull_policy: Some(image.pull_policy.clone()),
+        args: Some(args.iter().map(|a| a.to_string()).collect()),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
 }
 
 fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantity>> {
@@ -251,21 +259,18 @@ fn placement(site: &Site) -> (Option<BTreeMap<String, String>>, Option<Affinity>
 pub fn statefulset(replica: &Replica, site: &Site, image: &Image) -> StatefulSet {
     let name = replica.metadata.name.clone().unwrap_or_default();
     let labels = replica_labels(replica);
+    let args = [
+        "replica",
+        "serve",
+        &format!("--data={DATA_DIR}"),
+        &format!("--listen=0.0.0.0:{API_PORT}"),
+        &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
+        "--await-bootstrap",
+        &format!("--family={}", replica.spec.family),
+        &format!("--replica={name}"),
+        "--log-json",
+    ];
     let container = Container {
-        name: "replica".into(),
-        image: Some(image.reference.clone()),
-        image_pull_policy: Some(image.pull_policy.clone()),
-        args: args(&[
-            "replica",
-            "serve",
-            &format!("--data={DATA_DIR}"),
-            &format!("--listen=0.0.0.0:{API_PORT}"),
-            &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
-            "--await-bootstrap",
-            &format!("--family={}", replica.spec.family),
-            &format!("--replica={name}"),
-            "--log-json",
-        ]),
         ports: Some(container_port("api", API_PORT)),
         readiness_probe: Some(http_probe(
             "/readyz",
@@ -287,7 +292,6 @@ pub fn statefulset(replica: &Replica, site: &Site, image: &Image) -> StatefulSet
                 failures: 6,
             },
         )),
-        security_context: Some(container_security()),
         volume_mounts: Some(vec![
             mount("data", DATA_DIR, false),
             mount("secret", SECRET_DIR, true),
@@ -308,7 +312,7 @@ pub fn statefulset(replica: &Replica, site: &Site, image: &Image) -> StatefulSet
                 limits: quantities(&r.limits),
                 ..ResourceRequirements::default()
             }),
-        ..Container::default()
+        ..product_container("replica", image, &args)
     };
     let (node_selector, affinity) = placement(site);
     let pod = PodSpec {
@@ -509,19 +513,16 @@ pub fn client_deployment(
     let mut labels = tier_labels(&family_name, &tier.name);
     labels.insert("multisite.dev/release".into(), release.to_string());
     let replica_url = format!("http://{replica}.{namespace}.svc:{API_PORT}");
+    let args = [
+        "client",
+        &format!("--replica={replica_url}"),
+        &format!("--release={release}"),
+        &format!("--family={family_name}"),
+        &format!("--tier={}", tier.name),
+        &format!("--listen=0.0.0.0:{CLIENT_PORT}"),
+        &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
+    ];
     let container = Container {
-        name: "client".into(),
-        image: Some(image.reference.clone()),
-        image_pull_policy: Some(image.pull_policy.clone()),
-        args: args(&[
-            "client",
-            &format!("--replica={replica_url}"),
-            &format!("--release={release}"),
-            &format!("--family={family_name}"),
-            &format!("--tier={}", tier.name),
-            &format!("--listen=0.0.0.0:{CLIENT_PORT}"),
-            &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
-        ]),
         ports: Some(container_port("http", CLIENT_PORT)),
         readiness_probe: Some(http_probe(
             "/readyz",
@@ -543,9 +544,8 @@ pub fn client_deployment(
                 failures: 6,
             },
         )),
-        security_context: Some(container_security()),
         volume_mounts: Some(vec![mount("secret", SECRET_DIR, true)]),
-        ..Container::default()
+        ..product_container("client", image, &args)
     };
     deployment(
         family,
@@ -601,20 +601,17 @@ pub fn gateway_deployment(
         ("multisite.dev/family", &family_name),
         ("multisite.dev/replica", replica),
     ]);
+    let args = [
+        "gateway",
+        "serve",
+        &format!("--replica=http://{replica}.{namespace}.svc:{API_PORT}"),
+        &format!("--replica-name={replica}"),
+        &format!("--endpoint={endpoint}"),
+        &format!("--listen=0.0.0.0:{CLIENT_PORT}"),
+        &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
+        &format!("--token-file={GATEWAY_TOKEN_DIR}/{GATEWAY_TOKEN_KEY}"),
+    ];
     let container = Container {
-        name: "gateway".into(),
-        image: Some(image.reference.clone()),
-        image_pull_policy: Some(image.pull_policy.clone()),
-        args: args(&[
-            "gateway",
-            "serve",
-            &format!("--replica=http://{replica}.{namespace}.svc:{API_PORT}"),
-            &format!("--replica-name={replica}"),
-            &format!("--endpoint={endpoint}"),
-            &format!("--listen=0.0.0.0:{CLIENT_PORT}"),
-            &format!("--secret-file={SECRET_DIR}/{SECRET_KEY}"),
-            &format!("--token-file={GATEWAY_TOKEN_DIR}/{GATEWAY_TOKEN_KEY}"),
-        ]),
         env: Some(vec![EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -647,12 +644,11 @@ pub fn gateway_deployment(
                 failures: 6,
             },
         )),
-        security_context: Some(container_security()),
         volume_mounts: Some(vec![
             mount("secret", SECRET_DIR, true),
             mount("token", GATEWAY_TOKEN_DIR, true),
         ]),
-        ..Container::default()
+        ..product_container("gateway", image, &args)
     };
     deployment(
         family,
