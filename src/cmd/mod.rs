@@ -7,6 +7,7 @@ pub mod client;
 pub mod crd;
 pub mod dev;
 pub mod gateway;
+pub mod items;
 pub mod node;
 pub mod operator;
 pub mod plan;
