@@ -100,10 +100,7 @@ impl ClientTier {
 
 /// The page path of one record.
 fn record_page(id: &str) -> String {
-    format!(
-        "/records/{}",
-        percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
-    )
+    format!("/records/{}", crate::replica::api::segment(id))
 }
 
 fn page(tier: &ClientTier, title: &str, body: &str) -> String {

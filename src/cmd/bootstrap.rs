@@ -5,11 +5,9 @@
 
 use crate::cmd::replica::{InitArgs, clone, init};
 use crate::domain::compat::Compatibility;
-use crate::replica::api::{
-    BootstrapRequest, BootstrapSource, BootstrapState, ErrorBody, Reason, route,
-};
+use crate::replica::api::{BootstrapRequest, BootstrapSource, BootstrapState, Reason, route};
 use crate::replica::secret::Secret;
-use crate::replica::server::token_matches;
+use crate::replica::server::{ApiError, token_matches};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,12 +37,7 @@ struct Waiting {
 type Shared = Arc<Waiting>;
 
 fn refuse(reason: Reason, message: impl Into<String>) -> Response {
-    let status = StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = ErrorBody {
-        error: message.into(),
-        reason,
-    };
-    (status, Json(body)).into_response()
+    ApiError::new(reason, message).into_response()
 }
 
 impl Waiting {

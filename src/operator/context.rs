@@ -144,7 +144,12 @@ impl Ctx {
 
     /// Records a family's link states; when they changed, the family is reconciled.
     pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
-        let changed = locked(&self.links).insert(key.clone(), links.clone()) != Some(links);
+        let changed = {
+            let mut all = locked(&self.links);
+            let changed = all.get(&key) != Some(&links);
+            all.insert(key.clone(), links);
+            changed
+        };
         if changed {
             self.family_changed(&key);
         }

@@ -334,3 +334,39 @@ async fn a_success_resets_the_back_off_of_a_site() {
     let after = ctx.backoffs.failed("Site/tracker/tokyo");
     assert!(after <= std::time::Duration::from_secs(2), "{after:?}");
 }
+
+/// The sync runner wakes the family controller only when what it reports of a family
+/// changed: its link states or its topology error; the same report again is silent.
+#[tokio::test]
+async fn link_and_topology_changes_trigger_the_family_and_repeats_do_not() {
+    let api = ScriptedApi::start(|_| None).await;
+    let ctx = context(&api, vec![], vec![family()], vec![]);
+    let mut triggers = ctx.take_family_triggers().expect("the trigger stream");
+    assert!(ctx.take_family_triggers().is_none(), "taken once");
+    let key = (NS.to_string(), "sampl".to_string());
+    let mut woken = || {
+        let mut refs = Vec::new();
+        while let Ok(r) = triggers.try_recv() {
+            refs.push(format!("{}/{}", r.namespace.unwrap_or_default(), r.name));
+        }
+        refs
+    };
+    let link = |lag: i64| crate::api::LinkStatus {
+        from: "sampl-tokyo".into(),
+        to: "sampl-paris".into(),
+        lag_changes: lag,
+        ..Default::default()
+    };
+    ctx.set_links(key.clone(), vec![link(3)]);
+    assert_eq!(woken(), ["tracker/sampl"]);
+    ctx.set_links(key.clone(), vec![link(3)]);
+    assert!(woken().is_empty());
+    ctx.set_links(key.clone(), vec![link(0)]);
+    assert_eq!(woken(), ["tracker/sampl"]);
+    ctx.set_topology_error(key.clone(), Some("no hub".into()));
+    ctx.set_topology_error(key.clone(), Some("no hub".into()));
+    assert_eq!(woken(), ["tracker/sampl"]);
+    ctx.set_topology_error(key.clone(), None);
+    ctx.set_topology_error(key.clone(), None);
+    assert_eq!(woken(), ["tracker/sampl"]);
+}

@@ -520,7 +520,7 @@ pub struct GatewayReport {
 }
 
 /// A path segment with everything but unreserved characters percent-encoded.
-fn segment(text: &str) -> String {
+pub fn segment(text: &str) -> String {
     const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'_')

@@ -52,7 +52,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(reason: Reason, message: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::from_u16(reason.status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
