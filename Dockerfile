@@ -16,8 +16,8 @@
 # <arch>-unknown-linux-musl: binaries are linked statically by default, so the result
 # runs on a base image without a C library. The C parts (the bundled SQLite of
 # rusqlite, zstd, ring) need a C compiler and the musl headers. Dependencies are
-# compiled first against a placeholder crate, so that a change under src/ rebuilds
-# only the multisite crate itself.
+# compiled first against placeholder crates, so that a change to the sources rebuilds
+# only the workspace's own crates.
 #
 # The final stage holds the binary and nothing else of ours; distroless/static brings
 # CA certificates, time zone data, /tmp and the unprivileged user 65532 ("nonroot").
@@ -41,23 +41,30 @@ WORKDIR /build
 ENV CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
 
-# 1. Dependencies only: the manifest and lock file with a placeholder library and
-#    binary. This layer is reused until Cargo.toml or Cargo.lock changes.
+# 1. Dependencies only: the manifests and lock file with placeholder crates. This
+#    layer is reused until a Cargo.toml or Cargo.lock changes.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY crates/core/Cargo.toml crates/core/
+COPY crates/replica/Cargo.toml crates/replica/
+COPY crates/operator/Cargo.toml crates/operator/
+COPY crates/tiers/Cargo.toml crates/tiers/
+COPY crates/node/Cargo.toml crates/node/
+COPY crates/dev/Cargo.toml crates/dev/
+RUN for dir in . crates/*; do mkdir -p "$dir/src" && : > "$dir/src/lib.rs"; done \
     && echo 'fn main() {}' > src/main.rs \
-    && : > src/lib.rs \
     && cargo build --release --locked \
-    && rm -rf src \
-        target/release/multisite target/release/multisite.d target/release/libmultisite.* \
-        target/release/deps/multisite-* target/release/deps/libmultisite-* \
-        target/release/.fingerprint/multisite-*
+    && rm -rf src crates/*/src \
+        target/release/multisite target/release/multisite.d \
+        target/release/libmultisite* target/release/deps/multisite* \
+        target/release/deps/libmultisite* target/release/.fingerprint/multisite*
 
-# 2. The crate itself. Its fingerprints were removed above, so Cargo rebuilds it
-#    whatever the timestamps of the copied files. src/ holds everything the build
-#    embeds (src/domain/compatibility.yaml); crds/ is small and copied as well so
-#    that the build can embed the generated CRDs if the code ever does.
+# 2. The workspace's own crates. Their fingerprints were removed above, so Cargo
+#    rebuilds them whatever the timestamps of the copied files. The sources hold
+#    everything the build embeds (crates/core/src/domain/compatibility.yaml); crds/ is
+#    small and copied as well so that the build can embed the generated CRDs if the
+#    code ever does.
 COPY src ./src
+COPY crates ./crates
 COPY crds ./crds
 # A dynamically linked binary (one that names a program interpreter) would not
 # start on distroless/static: fail the build instead.

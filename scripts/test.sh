@@ -40,8 +40,8 @@ fi
 phase "cargo fmt --check"
 cargo fmt --all -- --check
 
-phase "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+phase "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 # The real Kubernetes CRD server (e2e/apiserver): built from Debian's packages at run
 # time. When it cannot be had for reasons outside the project (archive unreachable,
@@ -86,8 +86,8 @@ E2E_EMBEDDED_ONLY=(two_operators_only_the_leader_acts change_events_from_every_s
 E2E_SKIP=()
 for name in "${E2E_EMBEDDED_ONLY[@]}"; do E2E_SKIP+=(--skip "$name"); done
 
-phase "cargo test"
-cargo test --all-targets --quiet
+phase "cargo test (every crate of the workspace)"
+cargo test --workspace --all-targets --quiet
 
 if [[ -n "${MULTISITE_KUBE_STATE:-}" ]]; then
   phase "tests on the real Kubernetes control plane (#[ignore]d without it)"

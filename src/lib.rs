@@ -1,25 +1,27 @@
 //! multisite: a Kubernetes operator for fleets of replicated tracker databases.
 //!
-//! Layers (a module never imports from a layer above it):
-//! 1. [`api`]: the custom resource types, manifest parsing and schema checks. No I/O.
-//! 2. [`domain`]: the rules as pure code: compatibility data, the upgrade planner,
-//!    the link task scheduler, mastership.
-//! 3. [`packet`]: the packet wire format.
-//! 4. [`replica`]: the replica server (storage, sync, HTTP API, client).
-//! 5. [`operator`]: the controllers, the sync runner, leader election, metrics.
-//! 6. [`client`], [`gateway`]: the client tiers' front end and the family's gateway.
-//! 7. [`node`]: the node agent (a kubelet stand-in for a real API server); it
-//!    lends [`dev`] the image map and the address rewrites.
-//! 8. [`dev`]: the embedded cluster: API server, workload runner.
-//! 9. [`cmd`]: what the command line runs (reads files, prints results).
+//! The layers are the crates of this workspace; each depends only on those below it,
+//! so the compiler enforces the order:
+//! 1. `multisite-core` ([`api`], [`domain`], [`packet`]): the custom resources, the rules
+//!    and the packet format as pure code, without an async runtime.
+//! 2. `multisite-replica` ([`replica`]): the replica server (storage, sync, HTTP API,
+//!    the typed client).
+//! 3. `multisite-operator` ([`operator`]): the controllers, the sync runner, leader
+//!    election, metrics.
+//! 4. `multisite-tiers` ([`client`], [`gateway`]) and `multisite-node` ([`node`]): the
+//!    client tiers' front end, the family's gateway, the node agent.
+//! 5. `multisite-dev` ([`dev`]): the embedded cluster (API server, workload runner).
+//! 6. this crate: [`cmd`], what the command line runs (reads files, prints results), and
+//!    the binary (clap only).
+//!
+//! The lower crates are re-exported under their layer names, so `multisite::replica`
+//! is `multisite_replica`.
 
-pub mod api;
-pub mod client;
+pub use multisite_core::{api, domain, packet};
+pub use multisite_dev as dev;
+pub use multisite_node as node;
+pub use multisite_operator as operator;
+pub use multisite_replica as replica;
+pub use multisite_tiers::{client, gateway};
+
 pub mod cmd;
-pub mod dev;
-pub mod domain;
-pub mod gateway;
-pub mod node;
-pub mod operator;
-pub mod packet;
-pub mod replica;

@@ -792,15 +792,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Digest { replica, access } => runtime()?.block_on(async move {
+        Command::Digest { replica, access } => {
             let (client, _) = items::connect(&access)?;
-            let answer = client.digest(&replica).await?;
-            println!(
-                "{} {} {} items",
-                answer.replica, answer.digest, answer.items
+            print!(
+                "{}",
+                runtime()?.block_on(multisite::cmd::replica::digest(&client, &replica))?
             );
             Ok(ExitCode::SUCCESS)
-        }),
+        }
         Command::Plan {
             file,
             output,
@@ -970,10 +969,9 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             access,
         } => {
             let (client, _) = items::connect(&access)?;
-            let status = runtime()?.block_on(client.forget_member(&replica, &gone))?;
-            println!(
-                "replica {gone} is recorded as gone at {}; take its items over with `multisite mastership move --replica {replica} ID --force`",
-                status.replica
+            print!(
+                "{}",
+                runtime()?.block_on(r::forget(&client, &replica, &gone))?
             );
         }
         ReplicaCommand::Backup {
@@ -1007,8 +1005,10 @@ fn replica_command(command: ReplicaCommand) -> anyhow::Result<ExitCode> {
             access,
         } => {
             let (client, _) = items::connect(&access)?;
-            let status = runtime()?.block_on(client.status(&replica))?;
-            print!("{}", r::render_status(&status, output)?);
+            print!(
+                "{}",
+                runtime()?.block_on(r::status(&client, &replica, output))?
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -222,7 +222,7 @@ fn replacement_compatibility_data_is_used() {
     let dir = std::env::temp_dir().join(format!("multisite-compat-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Data in which 8.0.1.1 cannot open FL 8 refuses the staged example's client tier.
-    let builtin = include_str!("../src/domain/compatibility.yaml");
+    let builtin = include_str!("../crates/core/src/domain/compatibility.yaml");
     let edited = builtin.replace("featureLevels: [5, 6, 7, 8]", "featureLevels: [5, 6, 7]");
     let path = dir.join("compat.yaml");
     std::fs::write(&path, edited).unwrap();

@@ -413,6 +413,29 @@ pub async fn remove(client: &ReplicaClient, url: &str, to: &str) -> anyhow::Resu
     ))
 }
 
+/// `multisite replica status`: one replica's report, rendered.
+pub async fn status(client: &ReplicaClient, url: &str, output: Output) -> anyhow::Result<String> {
+    render_status(&client.status(url).await?, output)
+}
+
+/// `multisite replica forget`: records a member as gone at one replica.
+pub async fn forget(client: &ReplicaClient, url: &str, gone: &str) -> anyhow::Result<String> {
+    let status = client.forget_member(url, gone).await?;
+    Ok(format!(
+        "replica {gone} is recorded as gone at {}; take its items over with `multisite mastership move --replica {url} ID --force`\n",
+        status.replica
+    ))
+}
+
+/// `multisite digest`: one replica's digest of its items.
+pub async fn digest(client: &ReplicaClient, url: &str) -> anyhow::Result<String> {
+    let answer = client.digest(url).await?;
+    Ok(format!(
+        "{} {} {} items\n",
+        answer.replica, answer.digest, answer.items
+    ))
+}
+
 pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<String> {
     if output == Output::Json {
         return Ok(serde_json::to_string_pretty(status)? + "\n");

@@ -1,0 +1,374 @@
+//! What every controller of one watch scope shares: the client, the caches of our
+//! resources, the event recorder, metrics, and the sync runner's latest link states.
+
+use super::OperatorError;
+use super::builders::{self, Image};
+use super::metrics::Metrics;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use multisite_core::api::Replica;
+use multisite_core::api::Site;
+use multisite_core::api::{LinkStatus, ReplicaFamily};
+use multisite_core::domain::scheduler::TaskKind;
+use multisite_replica::api::ReplicaClient;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The one field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "multisite-operator";
+
+/// A family by namespace and name.
+pub type FamilyKey = (String, String);
+
+/// A manual task asked for through the family's annotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManualRequest {
+    pub family: FamilyKey,
+    pub kind: TaskKind,
+    /// Only this link (`from`, `to`), or every link of the family.
+    pub link: Option<(String, String)>,
+}
+
+pub struct Ctx {
+    pub client: kube::Client,
+    /// Tables 1 and 2, for the upgrade planner.
+    pub compat: multisite_core::domain::compat::Compatibility,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub image: Image,
+    pub replicas: Store<Replica>,
+    pub families: Store<ReplicaFamily>,
+    /// Families whose link states changed, for the family controller to reconcile now
+    /// (instead of polling the links on a fixed requeue).
+    family_changes: futures::channel::mpsc::UnboundedSender<ObjectRef<ReplicaFamily>>,
+    family_triggers:
+        Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>>>,
+    pub sites: Store<Site>,
+    /// The sync runner's view of each family's links, for the family's status.
+    pub links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
+    /// Why a family has no links although it should, from the sync runner.
+    pub topology_errors: Mutex<HashMap<FamilyKey, String>>,
+    /// Manual tasks waiting for the sync runner.
+    pub manual: Mutex<Vec<ManualRequest>>,
+    /// The error policy's back-off of each object whose last reconcile failed.
+    pub backoffs: super::reconcile::Backoffs,
+    /// One replica client per family: its token, and one connection pool that every
+    /// call to the family's replicas shares.
+    replica_clients: Mutex<HashMap<FamilyKey, ReplicaClient>>,
+    /// Families whose Secret this process has seen or made, so it is not read again
+    /// on every reconcile.
+    secrets: Mutex<std::collections::HashSet<FamilyKey>>,
+    /// The last value of each family condition this process announced with an Event,
+    /// so that a reconcile working from a cache that lags its own status write does
+    /// not announce a transition twice.
+    announced: Mutex<HashMap<(FamilyKey, String), bool>>,
+    /// The plan status this process last wrote for each family.
+    plans: Mutex<HashMap<FamilyKey, multisite_core::api::PlanStatus>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ctx {
+    pub fn new(
+        client: kube::Client,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        image: Image,
+        stores: (Store<Replica>, Store<ReplicaFamily>, Store<Site>),
+    ) -> Self {
+        let (family_changes, family_triggers) = futures::channel::mpsc::unbounded();
+        Ctx {
+            family_changes,
+            family_triggers: Mutex::new(Some(family_triggers)),
+            client,
+            compat: multisite_core::domain::compat::Compatibility::builtin(),
+            recorder,
+            metrics,
+            image,
+            replicas: stores.0,
+            families: stores.1,
+            sites: stores.2,
+            links: Mutex::default(),
+            topology_errors: Mutex::default(),
+            manual: Mutex::default(),
+            backoffs: Default::default(),
+            replica_clients: Mutex::default(),
+            secrets: Mutex::default(),
+            announced: Mutex::default(),
+            plans: Mutex::default(),
+        }
+    }
+
+    pub fn family(&self, namespace: &str, name: &str) -> Option<Arc<ReplicaFamily>> {
+        self.families.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn site(&self, namespace: &str, name: &str) -> Option<Arc<Site>> {
+        self.sites.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The Replica objects of a family, oldest first (then by name).
+    pub fn members(&self, namespace: &str, family: &str) -> Vec<Arc<Replica>> {
+        let mut members: Vec<Arc<Replica>> = self
+            .replicas
+            .state()
+            .into_iter()
+            .filter(|r| r.namespace().as_deref() == Some(namespace) && r.spec.family == family)
+            .collect();
+        members.sort_by(|a, b| {
+            (
+                a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                a.name_any(),
+            )
+                .cmp(&(
+                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    b.name_any(),
+                ))
+        });
+        members
+    }
+
+    /// Where replica `name` (one of `members`) serves its API, as its status says.
+    pub fn endpoint_of(members: &[Arc<Replica>], name: &str) -> Option<String> {
+        members
+            .iter()
+            .find(|r| r.name_any() == name)
+            .and_then(|r| r.status.as_ref()?.endpoint.clone())
+    }
+
+    /// Records a family's link states; when they changed, the family is reconciled.
+    pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
+        let changed = {
+            let mut all = locked(&self.links);
+            let changed = all.get(&key) != Some(&links);
+            all.insert(key.clone(), links);
+            changed
+        };
+        if changed {
+            self.family_changed(&key);
+        }
+    }
+
+    /// Asks the family controller to reconcile `key` now.
+    pub fn family_changed(&self, key: &FamilyKey) {
+        // A closed channel means the controller stopped; nothing is left to tell.
+        let _ = self
+            .family_changes
+            .unbounded_send(ObjectRef::new(&key.1).within(&key.0));
+    }
+
+    /// The stream of families to reconcile because their links changed; the family
+    /// controller takes it once.
+    pub fn take_family_triggers(
+        &self,
+    ) -> Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>> {
+        locked(&self.family_triggers).take()
+    }
+
+    pub fn links_of(&self, key: &FamilyKey) -> Vec<LinkStatus> {
+        locked(&self.links).get(key).cloned().unwrap_or_default()
+    }
+
+    pub fn set_topology_error(&self, key: FamilyKey, error: Option<String>) {
+        let changed = {
+            let mut errors = locked(&self.topology_errors);
+            match error {
+                Some(e) => errors.insert(key.clone(), e.clone()) != Some(e),
+                None => errors.remove(&key).is_some(),
+            }
+        };
+        if changed {
+            self.family_changed(&key);
+        }
+    }
+
+    pub fn topology_error(&self, key: &FamilyKey) -> Option<String> {
+        locked(&self.topology_errors).get(key).cloned()
+    }
+
+    /// Records `value` as the announced state of `condition`; returns the state announced
+    /// before (`None` the first time).
+    pub fn announce(&self, family: &FamilyKey, condition: &str, value: bool) -> Option<bool> {
+        locked(&self.announced).insert((family.clone(), condition.to_string()), value)
+    }
+
+    pub fn remember_plan(&self, family: FamilyKey, plan: multisite_core::api::PlanStatus) {
+        locked(&self.plans).insert(family, plan);
+    }
+
+    pub fn last_plan(&self, family: &FamilyKey) -> Option<multisite_core::api::PlanStatus> {
+        locked(&self.plans).get(family).cloned()
+    }
+
+    pub fn ask(&self, request: ManualRequest) {
+        locked(&self.manual).push(request);
+    }
+
+    pub fn take_manual(&self) -> Vec<ManualRequest> {
+        std::mem::take(&mut *locked(&self.manual))
+    }
+
+    /// Publishes a Kubernetes Event about `object`; a failure to publish is logged only.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let reference = object.object_ref(&());
+        tracing::info!(
+            kind = %K::kind(&()),
+            object = %reference.name.clone().unwrap_or_default(),
+            namespace = %reference.namespace.clone().unwrap_or_default(),
+            reason,
+            note = %note,
+            "event"
+        );
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason, "could not record an event");
+        }
+    }
+
+    /// Creates the family Secret once; never rewrites an existing one (so the secret
+    /// never changes under running replicas). Its value is never logged.
+    pub async fn ensure_secret(&self, family: &ReplicaFamily) -> Result<(), OperatorError> {
+        let namespace = family.namespace().unwrap_or_default();
+        let key = (namespace.clone(), family.name_any());
+        if locked(&self.secrets).contains(&key) {
+            return Ok(());
+        }
+        let name = builders::secret_name(&family.name_any());
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        if api.get_opt(&name).await?.is_some() {
+            locked(&self.secrets).insert(key);
+            return Ok(());
+        }
+        let value = multisite_replica::secret::generate()
+            .map_err(|e| OperatorError::Secret(e.to_string()))?;
+        let object = builders::family_secret(family, &value);
+        match api.create(&Default::default(), &object).await {
+            Ok(_) => {
+                locked(&self.secrets).insert(key);
+                self.event(
+                    family,
+                    false,
+                    "SecretCreated",
+                    "CreateSecret",
+                    format!("created Secret {name} holding the family's shared secret"),
+                )
+                .await;
+                Ok(())
+            }
+            // Another reconcile made it first: that one stands.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A client that carries the family's API token (read from its Secret once).
+    pub async fn replica_client(
+        &self,
+        namespace: &str,
+        family: &str,
+    ) -> Result<ReplicaClient, OperatorError> {
+        let key = (namespace.to_string(), family.to_string());
+        if let Some(client) = locked(&self.replica_clients).get(&key).cloned() {
+            return Ok(client);
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let name = builders::secret_name(family);
+        let secret = api.get_opt(&name).await?.ok_or_else(|| {
+            OperatorError::Secret(format!("Secret {namespace}/{name} does not exist yet"))
+        })?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(builders::SECRET_KEY))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(builders::SECRET_KEY))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .ok_or_else(|| {
+                OperatorError::Secret(format!(
+                    "Secret {namespace}/{name} has no key {:?}",
+                    builders::SECRET_KEY
+                ))
+            })?;
+        let secret = multisite_replica::secret::from_bytes(&bytes).map_err(|reason| {
+            OperatorError::Secret(format!("Secret {namespace}/{name}: {reason}"))
+        })?;
+        let token = secret.api_token;
+        let client = ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30));
+        locked(&self.replica_clients).insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+/// Writes `status` with server-side apply under the operator's field manager.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &(impl serde::Serialize + std::fmt::Debug),
+) -> Result<(), OperatorError>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    /// The apply configuration of a status: the object's kind and its status only.
+    #[derive(Debug, serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct StatusApply<'a, S> {
+        api_version: &'a str,
+        kind: &'a str,
+        status: &'a S,
+    }
+    let patch = StatusApply {
+        api_version: &K::api_version(&()),
+        kind: &K::kind(&()),
+        status,
+    };
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies an object built by [`builders`] with server-side apply.
+pub async fn apply_object<K>(api: &Api<K>, object: &K) -> Result<(), OperatorError>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.as_deref().unwrap_or_default();
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}

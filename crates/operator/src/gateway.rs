@@ -1,0 +1,390 @@
+//! The family's gateway: a one-pod Deployment pinned to `spec.gateway.replica`, the
+//! token Secret for the outside system, the family setting that makes change events
+//! mastered at the pinned replica, and the gateway's state in the family's status.
+//!
+//! Moving the pin drains first: the old gateway stops, the change events it would have
+//! delivered are handed to the new replica, and only then does the new gateway start.
+
+use super::OperatorError;
+use super::builders;
+use super::context::{Ctx, apply_object};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use multisite_core::api::{GatewayStatus, ReplicaFamily, ReplicaPhase};
+use multisite_core::packet::change::{CHANGE_EVENT_TYPE, GATEWAY_REPLICA, ItemKind};
+use multisite_replica::api::{GatewayReport, ItemQuery, MoveMastership, ReplicaClient, Setting};
+use multisite_replica::http::HttpClient;
+
+/// `"true"` on a family asks for the one-directional records' mastership to move to the
+/// gateway's replica; the operator removes it once done (`multisite gateway remaster`).
+pub const REMASTER: &str = "multisite.dev/remaster";
+
+/// Moves the mastership of `ids` to `to`, each at its current master. Returns how many
+/// moved; records whose master cannot be reached are left for the next request.
+async fn remaster(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+    to: &str,
+    ids: &[String],
+) -> Result<usize, OperatorError> {
+    let namespace = family.namespace().unwrap_or_default();
+    let members = ctx.members(&namespace, &family.name_any());
+    let endpoint = |n: &str| Ctx::endpoint_of(&members, n);
+    let Some(to_url) = endpoint(to) else {
+        return Ok(0);
+    };
+    let client = ctx
+        .replica_client(&namespace, &family.name_any())
+        .await?
+        .with_release(Some(ctx.compat.newest_release_version()));
+    let mut moved = 0;
+    for id in ids {
+        let item = client.get_item(&to_url, ItemKind::Record, id).await?;
+        if item.master == to {
+            continue;
+        }
+        let Some(master_url) = endpoint(&item.master) else {
+            continue;
+        };
+        client
+            .move_mastership(&master_url, ItemKind::Record, id, &move_to(to))
+            .await?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// What the gateway reconcile found (for status and conditions).
+pub struct GatewayOutcome {
+    pub status: Option<GatewayStatus>,
+    /// Why the gateway is not where the spec wants it, if so.
+    pub problem: Option<String>,
+}
+
+fn waiting(status: Option<GatewayStatus>, problem: String) -> GatewayOutcome {
+    GatewayOutcome {
+        status,
+        problem: Some(problem),
+    }
+}
+
+fn move_to(to: &str) -> MoveMastership {
+    MoveMastership {
+        to: Some(to.to_string()),
+        force: false,
+    }
+}
+
+fn gateway_setting(replica: &str) -> Setting {
+    Setting {
+        key: GATEWAY_REPLICA.to_string(),
+        value: replica.to_string(),
+    }
+}
+
+/// The live change events at the replica at `url` mastered at `master`.
+async fn events_mastered_at(
+    client: &ReplicaClient,
+    url: &str,
+    master: &str,
+) -> Result<Vec<String>, OperatorError> {
+    let events = client
+        .list_items(
+            url,
+            ItemKind::Record,
+            &ItemQuery::of_type(CHANGE_EVENT_TYPE),
+        )
+        .await?;
+    Ok(events
+        .into_iter()
+        .filter(|e| e.master == master && !e.deleted)
+        .map(|e| e.id)
+        .collect())
+}
+
+/// Moving the gateway from `from` to `to`: the old gateway stops, change events are
+/// mastered at `to` from now on, the events still mastered at `from` are handed to `to`
+/// once nothing travels towards either end, and the new gateway starts only when `to`
+/// masters every one of them. Returns what it waits for, or `None` when done.
+async fn move_pin(
+    ctx: &Ctx,
+    family: &ReplicaFamily,
+    from: &str,
+    to: &str,
+) -> Result<Option<String>, OperatorError> {
+    let namespace = family.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = builders::gateway_name(&family.name_any());
+    let moving = format!("moving the gateway from {from} to {to}");
+    if deployments.get_opt(&name).await?.is_some() {
+        deployments.delete(&name, &Default::default()).await?;
+        ctx.event(
+            family,
+            false,
+            "GatewayMoving",
+            "Gateway",
+            format!("{moving}: the gateway at {from} is stopped first"),
+        )
+        .await;
+    }
+    let members = ctx.members(&namespace, &family.name_any());
+    let endpoint = |n: &str| Ctx::endpoint_of(&members, n);
+    let (Some(from_url), Some(to_url)) = (endpoint(from), endpoint(to)) else {
+        return Ok(Some(format!("{moving}: both must be serving")));
+    };
+    let client = ctx
+        .replica_client(&namespace, &family.name_any())
+        .await?
+        .with_release(Some(ctx.compat.newest_release_version()));
+    let knows = |n: &str| {
+        members
+            .iter()
+            .find(|r| r.name_any() == n)
+            .and_then(|r| r.status.as_ref()?.gateway_replica.clone())
+            .is_some_and(|g| g == to)
+    };
+    if !knows(to) {
+        client.set_setting(&to_url, &gateway_setting(to)).await?;
+        return Ok(Some(format!(
+            "{moving}: change events are mastered at {to} from now on"
+        )));
+    }
+    // Every replica must know the new pin, and nothing may still travel towards either end.
+    let unaware: Vec<String> = members
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Active))
+        .filter(|r| r.status.as_ref().and_then(|s| s.gateway_replica.as_deref()) != Some(to))
+        .map(|r| r.name_any())
+        .collect();
+    if !unaware.is_empty() {
+        return Ok(Some(format!(
+            "{moving}: waiting for {} to learn the new pin",
+            unaware.join(", ")
+        )));
+    }
+    let links = ctx.links_of(&(namespace.clone(), family.name_any()));
+    if let Some(l) = links
+        .iter()
+        .find(|l| (l.to == from || l.to == to) && l.lag_changes > 0)
+    {
+        return Ok(Some(format!(
+            "{moving}: waiting for {}->{} to deliver its last changes",
+            l.from, l.to
+        )));
+    }
+    let at_from = events_mastered_at(&client, &from_url, from).await?;
+    for id in &at_from {
+        client
+            .move_mastership(&from_url, ItemKind::Record, id, &move_to(to))
+            .await?;
+    }
+    if !at_from.is_empty() {
+        ctx.event(
+            family,
+            false,
+            "GatewayMoving",
+            "Gateway",
+            format!("{moving}: {} change events handed over", at_from.len()),
+        )
+        .await;
+        return Ok(Some(format!(
+            "{moving}: {} change events handed over",
+            at_from.len()
+        )));
+    }
+    let still = events_mastered_at(&client, &to_url, from).await?;
+    if !still.is_empty() {
+        return Ok(Some(format!(
+            "{moving}: {} change events not handed over at {to} yet",
+            still.len()
+        )));
+    }
+    ctx.event(
+        family,
+        false,
+        "GatewayMoved",
+        "Gateway",
+        format!("every change event is mastered at {to}; the gateway starts there"),
+    )
+    .await;
+    Ok(None)
+}
+
+pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutcome, OperatorError> {
+    let Some(spec) = &family.spec.gateway else {
+        return Ok(GatewayOutcome {
+            status: None,
+            problem: None,
+        });
+    };
+    let namespace = family.namespace().unwrap_or_default();
+    let members = ctx.members(&namespace, &family.name_any());
+    let previous = family.status.as_ref().and_then(|s| s.gateway.clone());
+    let Some(pinned) = members.iter().find(|r| r.name_any() == spec.replica) else {
+        return Ok(waiting(
+            previous,
+            format!(
+                "spec.gateway.replica names {}, which is not a replica of this family",
+                spec.replica
+            ),
+        ));
+    };
+    let pinned_status = pinned.status.clone().unwrap_or_default();
+    if pinned_status.phase != Some(ReplicaPhase::Active) {
+        return Ok(waiting(
+            previous,
+            format!("waiting for {} to be Active", spec.replica),
+        ));
+    }
+    // Where the gateway was connected: a different replica means the pin moves.
+    let current = previous
+        .as_ref()
+        .map(|g| g.replica.clone())
+        .or_else(|| pinned_status.gateway_replica.clone())
+        .filter(|r| members.iter().any(|m| m.name_any() == *r));
+    if let Some(from) = current.filter(|r| *r != spec.replica) {
+        if let Some(why) = move_pin(ctx, family, &from, &spec.replica).await? {
+            let mut status = previous.unwrap_or_default();
+            status.replica = from;
+            status.connected = false;
+            return Ok(waiting(Some(status), why));
+        }
+    } else if pinned_status.gateway_replica.as_deref() != Some(spec.replica.as_str())
+        && let Some(url) = &pinned_status.endpoint
+    {
+        // The family setting: change events are mastered at the pinned replica.
+        let client = ctx.replica_client(&namespace, &family.name_any()).await?;
+        client
+            .set_setting(url, &gateway_setting(&spec.replica))
+            .await?;
+        ctx.event(
+            family,
+            false,
+            "GatewayPinned",
+            "Gateway",
+            format!(
+                "change events are now mastered at {}, the gateway's replica",
+                spec.replica
+            ),
+        )
+        .await;
+    }
+    let Some(endpoint) = &spec.endpoint else {
+        let status = GatewayStatus {
+            replica: spec.replica.clone(),
+            ..Default::default()
+        };
+        return Ok(GatewayOutcome {
+            status: Some(status),
+            problem: None,
+        });
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = builders::gateway_name(&family.name_any());
+    if secrets.get_opt(&name).await?.is_none() {
+        let token = multisite_replica::secret::generate()
+            .map_err(|e| OperatorError::Secret(e.to_string()))?;
+        match secrets
+            .create(
+                &Default::default(),
+                &builders::gateway_token_secret(family, &token),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Made by another reconcile first: that one stands.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_object(
+        &deployments,
+        &builders::gateway_deployment(family, &spec.replica, endpoint, &ctx.image),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_object(&services, &builders::gateway_service(family)).await?;
+    // The gateway's own report, from its pod.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = format!("app.kubernetes.io/instance={name}");
+    let ip = pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .find_map(|p| p.status?.pod_ip);
+    let report: Option<GatewayReport> = match ip {
+        Some(ip) => {
+            let client = HttpClient::new(String::new(), None)
+                .with_timeout(std::time::Duration::from_secs(5));
+            client
+                .get_json(
+                    &format!("http://{ip}:{}", builders::CLIENT_PORT),
+                    multisite_replica::api::route::workload::STATUS,
+                )
+                .await
+                .ok()
+        }
+        None => None,
+    };
+    if family
+        .annotations()
+        .get(REMASTER)
+        .is_some_and(|v| v == "true")
+        && let Some(report) = &report
+    {
+        let moved = remaster(ctx, family, &spec.replica, &report.one_directional_records).await?;
+        let api: Api<ReplicaFamily> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {REMASTER: null}}});
+        api.patch(
+            &family.name_any(),
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+        ctx.event(
+            family,
+            false,
+            "Remastered",
+            "Gateway",
+            format!(
+                "mastership of {moved} one-directional record(s) moved to {}, the gateway's replica",
+                spec.replica
+            ),
+        )
+        .await;
+    }
+    let status = GatewayStatus {
+        replica: spec.replica.clone(),
+        connected: report.as_ref().is_some_and(|r| r.connected),
+        events_pending: report
+            .as_ref()
+            .map(|r| r.events_pending as i64)
+            .unwrap_or(0),
+        events_delivered: report
+            .as_ref()
+            .map(|r| r.events_delivered as i64)
+            .unwrap_or(0),
+        one_directional_records: report
+            .as_ref()
+            .map(|r| r.one_directional_records.len() as i64)
+            .unwrap_or(0),
+    };
+    let problem = match &report {
+        None => Some("the gateway pod does not answer yet".to_string()),
+        Some(r) if !r.connected => Some(format!(
+            "the gateway is not connected to {}: {}",
+            spec.replica,
+            r.last_error.clone().unwrap_or_default()
+        )),
+        Some(r) => r.last_error.clone().map(|e| format!("gateway: {e}")),
+    };
+    Ok(GatewayOutcome {
+        status: Some(status),
+        problem,
+    })
+}

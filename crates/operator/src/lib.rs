@@ -1,0 +1,295 @@
+//! `multisite operator`: the controllers that turn the custom resources into running
+//! replica servers and keep each family synchronised.
+//!
+//! One scope per watched namespace (or one for all namespaces), each with the four
+//! controllers (Replica, ReplicaFamily, Site, SchemaPackage) and the sync runner, all
+//! sharing one [`context::Ctx`]. With leader election only the lease holder runs them.
+//! Every reconcile is idempotent and all progress lives in the cluster and the
+//! replicas, so a restarted operator picks up where the last one stopped.
+
+pub mod builders;
+pub mod clients;
+pub mod context;
+pub mod families;
+pub mod gateway;
+pub mod leader;
+pub mod metrics;
+pub mod others;
+pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
+pub mod replicas;
+pub mod sync;
+pub mod upgrade;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use multisite_core::api::Replica;
+use multisite_core::api::ReplicaFamily;
+use multisite_core::api::SchemaPackage;
+use multisite_core::api::Site;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What the operator can fail on.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("replica API: {0}")]
+    Replica(#[from] multisite_replica::http::HttpError),
+    #[error("family secret: {0}")]
+    Secret(String),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "the multisite.dev/v1alpha1 custom resource definitions are not installed in this cluster (missing: {missing}); \
+         install them with `kubectl apply -f crds/` or the Helm chart, then start the operator again"
+    )]
+    MissingCrds { missing: String },
+    #[error("cannot serve metrics on {addr}: {reason}")]
+    Metrics { addr: String, reason: String },
+    #[error("lost the leader lease; stopping so that a single operator acts")]
+    LostLease,
+}
+
+/// The user agent of the operator's requests to the Kubernetes API.
+pub const USER_AGENT: &str = concat!("multisite-operator/", env!("CARGO_PKG_VERSION"));
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// The image (and pull policy) of the pods the operator creates.
+    pub image: builders::Image,
+    /// Leader election, if enabled.
+    pub election: Option<leader::Election>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// This process's name in events and the lease.
+    pub identity: String,
+}
+
+/// The image this build gives pods by default.
+pub fn default_image() -> String {
+    format!("ghcr.io/multisite/multisite:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Fails with [`OperatorError::MissingCrds`] unless the API server serves our four kinds.
+pub async fn check_crds(client: &kube::Client) -> Result<(), OperatorError> {
+    let wanted = [
+        ReplicaFamily::plural(&()).to_string(),
+        Replica::plural(&()).to_string(),
+        Site::plural(&()).to_string(),
+        SchemaPackage::plural(&()).to_string(),
+    ];
+    let served: Vec<String> = match client
+        .list_api_group_resources(multisite_core::api::API_VERSION)
+        .await
+    {
+        Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let missing: Vec<String> = wanted.into_iter().filter(|w| !served.contains(w)).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(OperatorError::MissingCrds {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Runs the operator until `shutdown` resolves (or the lease is lost).
+pub async fn run(
+    client: kube::Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    check_crds(&client).await?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    metrics.set_ready(true);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut background = Vec::new();
+    if let Some(addr) = settings.metrics_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| OperatorError::Metrics {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics and health probes");
+        background.push(tokio::spawn({
+            let metrics = metrics.clone();
+            let stopped = wait(stopped.clone());
+            async move {
+                if let Err(error) = metrics::serve(listener, metrics, stopped).await {
+                    tracing::error!(%error, "metrics server stopped");
+                }
+            }
+        }));
+    }
+    tokio::pin!(shutdown);
+
+    let mut lease_lost: Option<tokio::task::JoinHandle<()>> = None;
+    if let Some(election) = &settings.election {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
+        tokio::select! {
+            _ = leader::acquire(&leases, election) => {}
+            _ = &mut shutdown => {
+                let _ = stop.send(true);
+                for task in background { let _ = task.await; }
+                return Ok(());
+            }
+        }
+        let election = election.clone();
+        lease_lost = Some(tokio::spawn(async move {
+            leader::keep(&leases, &election).await;
+        }));
+    }
+    metrics.set_leader(true);
+
+    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    tracing::info!(namespaces = ?settings.namespaces, image = %settings.image.reference, "operator running");
+    let mut scope_tasks = Vec::new();
+    for scope in scopes {
+        scope_tasks.push(tokio::spawn(run_scope(
+            client.clone(),
+            scope,
+            settings.clone(),
+            metrics.clone(),
+            stopped.clone(),
+        )));
+    }
+    let lost = async {
+        match lease_lost.as_mut() {
+            Some(handle) => {
+                let _ = handle.await;
+                true
+            }
+            None => std::future::pending::<bool>().await,
+        }
+    };
+    let lost = tokio::select! {
+        _ = &mut shutdown => false,
+        lost = lost => lost,
+    };
+    metrics.set_leader(false);
+    let _ = stop.send(true);
+    for task in scope_tasks.into_iter().chain(background) {
+        let _ = task.await;
+    }
+    if let Some(handle) = lease_lost {
+        handle.abort();
+    }
+    if lost {
+        return Err(OperatorError::LostLease);
+    }
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+fn api<K>(client: &kube::Client, scope: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match scope {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The controllers and the sync runner of one namespace (or of all).
+async fn run_scope(
+    client: kube::Client,
+    scope: Option<String>,
+    settings: Settings,
+    metrics: Arc<metrics::Metrics>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let config = watcher::Config::default();
+    let replica_api: Api<Replica> = api(&client, &scope);
+    let replicas = Controller::new(replica_api.clone(), config.clone())
+        .owns(api::<StatefulSet>(&client, &scope), config.clone());
+    // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
+    // client tiers and gateway) changes, and when the sync runner's link states for it
+    // change (the trigger stream, joined once the context exists).
+    let families = Controller::new(api::<ReplicaFamily>(&client, &scope), config.clone())
+        .watches(replica_api.clone(), config.clone(), |r: Replica| {
+            let namespace = r.metadata.namespace.clone()?;
+            Some(ObjectRef::new(&r.spec.family).within(&namespace))
+        })
+        .owns(api::<Deployment>(&client, &scope), config.clone());
+    let sites = Controller::new(api::<Site>(&client, &scope), config.clone()).watches(
+        replica_api.clone(),
+        config.clone(),
+        |r: Replica| {
+            let namespace = r.metadata.namespace.clone()?;
+            Some(ObjectRef::new(&r.spec.site).within(&namespace))
+        },
+    );
+    let packages = Controller::new(api::<SchemaPackage>(&client, &scope), config.clone());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "multisite-operator".into(),
+            instance: Some(settings.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(context::Ctx::new(
+        client.clone(),
+        recorder,
+        metrics,
+        settings.image.clone(),
+        (replicas.store(), families.store(), sites.store()),
+    ));
+    let families = match ctx.take_family_triggers() {
+        Some(triggers) => families.reconcile_on(triggers),
+        None => families,
+    };
+    let stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::join!(
+        replicas
+            .graceful_shutdown_on(stop(stopped.clone()))
+            .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(())),
+        families
+            .graceful_shutdown_on(stop(stopped.clone()))
+            .run(families::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(())),
+        sites
+            .graceful_shutdown_on(stop(stopped.clone()))
+            .run(others::reconcile_site, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(())),
+        packages
+            .graceful_shutdown_on(stop(stopped.clone()))
+            .run(
+                others::reconcile_package,
+                reconcile::error_policy,
+                ctx.clone()
+            )
+            .for_each(|_| std::future::ready(())),
+        sync::run(ctx.clone(), stopped.clone()),
+    );
+}
