@@ -868,6 +868,24 @@ fn the_charts_rbac_allows_every_request_the_operator_makes() {
     }
     eprintln!("{report}");
 
+    // The Replica, family and Site controllers share one watch of the Replicas, so they
+    // are watched (and listed) no more often than the families, each watched once by
+    // their own controller (a watch the server ends is started again in both).
+    let count = |verb: &str, resource: &str| {
+        calls
+            .iter()
+            .filter(|c| c.verb == verb && c.resource == resource && c.subresource.is_none())
+            .count()
+    };
+    for verb in ["list", "watch"] {
+        let (replicas, families) = (count(verb, "replicas"), count(verb, "replicafamilies"));
+        assert!(
+            replicas >= 1 && replicas <= families,
+            "{verb} of replicas: {replicas}, of replicafamilies: {families}; \
+             the controllers should share one Replica watch\n{report}"
+        );
+    }
+
     // The run went through the paths it was meant to: no vacuous pass.
     let seen = counts(&calls);
     let saw = |verb: &str, group: &str, resource: &str| {

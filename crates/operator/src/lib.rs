@@ -29,8 +29,8 @@ use kube::Resource;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use multisite_core::api::Replica;
 use multisite_core::api::ReplicaFamily;
 use multisite_core::api::SchemaPackage;
@@ -62,6 +62,10 @@ pub enum OperatorError {
 
 /// The user agent of the operator's requests to the Kubernetes API.
 pub const USER_AGENT: &str = concat!("multisite-operator/", env!("CARGO_PKG_VERSION"));
+
+/// How many Replica events the shared reflector holds for a controller that has not
+/// yet taken them (the writer waits when one falls that far behind).
+const REPLICA_EVENT_BUFFER: usize = 256;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -226,26 +230,42 @@ async fn run_scope(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let config = watcher::Config::default();
-    let replica_api: Api<Replica> = api(&client, &scope);
-    let replicas = Controller::new(replica_api.clone(), config.clone())
+    // One watch of the Replicas for the three controllers that follow them: a shared
+    // reflector whose store the Replica controller reads and whose events the family and
+    // Site controllers map to their owners.
+    let (replica_store, replica_writer) = reflector::store_shared(REPLICA_EVENT_BUFFER);
+    // `store_shared` always makes a writer that gives subscribers.
+    let subscribe = || {
+        replica_writer
+            .subscribe()
+            .expect("a shared store gives subscribers")
+    };
+    let (for_replicas, for_families, for_sites) = (subscribe(), subscribe(), subscribe());
+    let replica_watch = watcher(api::<Replica>(&client, &scope), config.clone())
+        .default_backoff()
+        .reflect_shared(replica_writer)
+        .for_each(|event| {
+            if let Err(error) = event {
+                tracing::warn!(%error, "watching Replicas failed; retrying");
+            }
+            std::future::ready(())
+        });
+    let replicas = Controller::for_shared_stream(for_replicas, replica_store)
         .owns(api::<StatefulSet>(&client, &scope), config.clone());
     // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
     // client tiers and gateway) changes, and when the sync runner's link states for it
     // change (the trigger stream, joined once the context exists).
     let families = Controller::new(api::<ReplicaFamily>(&client, &scope), config.clone())
-        .watches(replica_api.clone(), config.clone(), |r: Replica| {
+        .watches_shared_stream(for_families, |r: Arc<Replica>| {
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.family).within(&namespace))
         })
         .owns(api::<Deployment>(&client, &scope), config.clone());
-    let sites = Controller::new(api::<Site>(&client, &scope), config.clone()).watches(
-        replica_api.clone(),
-        config.clone(),
-        |r: Replica| {
+    let sites = Controller::new(api::<Site>(&client, &scope), config.clone())
+        .watches_shared_stream(for_sites, |r: Arc<Replica>| {
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.site).within(&namespace))
-        },
-    );
+        });
     let packages = Controller::new(api::<SchemaPackage>(&client, &scope), config.clone());
     let recorder = Recorder::new(
         client.clone(),
@@ -269,7 +289,15 @@ async fn run_scope(
         let mut rx = rx;
         let _ = rx.wait_for(|s| *s).await;
     };
+    let watch_stopped = stop(stopped.clone());
+    let replica_watch = async move {
+        tokio::select! {
+            _ = replica_watch => {}
+            _ = watch_stopped => {}
+        }
+    };
     tokio::join!(
+        replica_watch,
         replicas
             .graceful_shutdown_on(stop(stopped.clone()))
             .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
