@@ -25,20 +25,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  multisite plan -f examples/staged-upgrade.yaml\n  kubectl get replicafamily/sampl replicas -n tracker -o yaml | multisite plan -f - -o json"
     )]
-    Plan {
-        /// File with the family and its replicas; `-` reads standard input.
-        #[arg(short = 'f', long = "filename", value_name = "FILE")]
-        file: PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value = "table")]
-        output: multisite::cmd::plan::Output,
-        /// The family to plan for, when the input holds several.
-        #[arg(long, value_name = "NAME")]
-        family: Option<String>,
-        /// Compatibility data (Tables 1 and 2) to use instead of the built-in tables.
-        #[arg(long, value_name = "FILE", env = "MULTISITE_COMPATIBILITY")]
-        compatibility: Option<PathBuf>,
-    },
+    Plan(multisite::cmd::plan::PlanArgs),
     /// Create, run and upgrade replica servers.
     Replica {
         #[command(subcommand)]
@@ -94,61 +81,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  e2e/kube/up.sh /tmp/kube\n  multisite node --node node-a=zone-a --node node-b=zone-b --credentials /tmp/kube/nodes --state-dir /tmp/kube/agent\n  multisite node --node node-a=zone-a --credentials /tmp/kube/nodes --state-dir /tmp/agent \\\n      --image shell=/bin/sh --provisioner-kubeconfig /tmp/kube/kubeconfig --install-storage-class standard\n\nSee docs/node.md."
     )]
-    Node {
-        /// A node to run, as NAME=ZONE (sets topology.kubernetes.io/zone); repeatable.
-        #[arg(long = "node", value_name = "NAME=ZONE", required = true)]
-        nodes: Vec<String>,
-        /// Directory with one subdirectory per node: NAME/kubeconfig, NAME/serving.crt,
-        /// NAME/serving.key (e2e/kube/up.sh writes them to STATE/nodes).
-        #[arg(long, value_name = "DIR")]
-        credentials: PathBuf,
-        /// Pod directories, container logs and provisioned volumes live here.
-        #[arg(long, value_name = "DIR")]
-        state_dir: PathBuf,
-        /// Pods get loopback addresses from this one up.
-        #[arg(long, value_name = "IP", default_value = "127.3.0.1")]
-        first_pod_address: std::net::Ipv4Addr,
-        /// The kubelet endpoint of the first node; the next nodes take the next ports
-        /// (0: every node a free port).
-        #[arg(long, value_name = "PORT", default_value_t = 10250)]
-        kubelet_port_base: u16,
-        /// Run containers of image REPOSITORY (or an exact image reference) with PROGRAM,
-        /// e.g. `shell=/bin/sh`; repeatable.
-        #[arg(long = "image", value_name = "REPOSITORY=PROGRAM")]
-        images: Vec<String>,
-        /// A kubeconfig allowed to manage PersistentVolumes and read claims, storage
-        /// classes and pods cluster-wide (e.g. an administrator's): turns on the volume
-        /// provisioner for storage classes of provisioner `multisite.dev/node`, and finds
-        /// the pods a Service selects on other agents' nodes.
-        #[arg(long, value_name = "FILE")]
-        provisioner_kubeconfig: Option<PathBuf>,
-        /// Create this StorageClass (provisioner multisite.dev/node, WaitForFirstConsumer,
-        /// reclaim Delete, the default class) unless it exists; needs
-        /// --provisioner-kubeconfig.
-        #[arg(long, value_name = "NAME")]
-        install_storage_class: Option<String>,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
-        /// First restart delay of an exited container (Kubernetes: 10), doubled per restart.
-        #[arg(
-            long,
-            value_name = "SECONDS",
-            default_value_t = 10.0,
-            hide = true,
-            env = "MULTISITE_NODE_BACKOFF_BASE"
-        )]
-        backoff_base_seconds: f64,
-        /// Longest restart delay (Kubernetes: 300).
-        #[arg(
-            long,
-            value_name = "SECONDS",
-            default_value_t = 300.0,
-            hide = true,
-            env = "MULTISITE_NODE_BACKOFF_CAP"
-        )]
-        backoff_cap_seconds: f64,
-    },
+    Node(multisite::cmd::node::NodeArgs),
     /// Run the operator: the controllers that turn ReplicaFamily, Site, Replica and
     /// SchemaPackage objects into running replica servers, synchronise each family on
     /// its schedule, and record status and Events. Talks to the cluster in KUBECONFIG
@@ -697,32 +630,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Node {
-            nodes,
-            credentials,
-            state_dir,
-            first_pod_address,
-            kubelet_port_base,
-            images,
-            provisioner_kubeconfig,
-            install_storage_class,
-            log_json,
-            backoff_base_seconds,
-            backoff_cap_seconds,
-        } => {
-            init_logging(log_json);
-            runtime()?.block_on(multisite::cmd::node::run(multisite::cmd::node::NodeArgs {
-                nodes,
-                credentials,
-                state_dir,
-                first_pod_address,
-                kubelet_port_base,
-                images,
-                provisioner_kubeconfig,
-                install_storage_class,
-                backoff_base_seconds,
-                backoff_cap_seconds,
-            }))?;
+        Command::Node(args) => {
+            init_logging(args.log_json);
+            runtime()?.block_on(multisite::cmd::node::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { command } => {
@@ -800,29 +710,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan {
-            file,
-            output,
-            family,
-            compatibility,
-        } => {
-            use multisite::cmd::plan;
-            let compat = plan::load_compatibility(compatibility.as_deref())?;
-            let (source, text) = plan::read_input(&file)?;
-            let (fleet, outcome) = plan::compute(&compat, &source, &text, family.as_deref())?;
-            match output {
-                plan::Output::Table => print!("{}", plan::render_table(&compat, &fleet, &outcome)),
-                plan::Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan::report(&fleet, &outcome))?
-                ),
-            }
-            Ok(if outcome.is_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_REFUSED)
-            })
-        }
+        Command::Plan(args) => Ok(if multisite::cmd::plan::run(&args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_REFUSED)
+        }),
         Command::Crd { out_dir } => {
             match out_dir {
                 Some(dir) => {

@@ -6,16 +6,61 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The flags of `multisite node` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct NodeArgs {
+    /// A node to run, as NAME=ZONE (sets topology.kubernetes.io/zone); repeatable.
+    #[arg(long = "node", value_name = "NAME=ZONE", required = true)]
     pub nodes: Vec<String>,
+    /// Directory with one subdirectory per node: NAME/kubeconfig, NAME/serving.crt,
+    /// NAME/serving.key (e2e/kube/up.sh writes them to STATE/nodes).
+    #[arg(long, value_name = "DIR")]
     pub credentials: PathBuf,
+    /// Pod directories, container logs and provisioned volumes live here.
+    #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// Pods get loopback addresses from this one up.
+    #[arg(long, value_name = "IP", default_value = "127.3.0.1")]
     pub first_pod_address: Ipv4Addr,
+    /// The kubelet endpoint of the first node; the next nodes take the next ports
+    /// (0: every node a free port).
+    #[arg(long, value_name = "PORT", default_value_t = 10250)]
     pub kubelet_port_base: u16,
+    /// Run containers of image REPOSITORY (or an exact image reference) with PROGRAM,
+    /// e.g. `shell=/bin/sh`; repeatable.
+    #[arg(long = "image", value_name = "REPOSITORY=PROGRAM")]
     pub images: Vec<String>,
+    /// A kubeconfig allowed to manage PersistentVolumes and read claims, storage
+    /// classes and pods cluster-wide (e.g. an administrator's): turns on the volume
+    /// provisioner for storage classes of provisioner `multisite.dev/node`, and finds
+    /// the pods a Service selects on other agents' nodes.
+    #[arg(long, value_name = "FILE")]
     pub provisioner_kubeconfig: Option<PathBuf>,
+    /// Create this StorageClass (provisioner multisite.dev/node, WaitForFirstConsumer,
+    /// reclaim Delete, the default class) unless it exists; needs
+    /// --provisioner-kubeconfig.
+    #[arg(long, value_name = "NAME")]
     pub install_storage_class: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+    /// First restart delay of an exited container (Kubernetes: 10), doubled per restart.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10.0,
+        hide = true,
+        env = "MULTISITE_NODE_BACKOFF_BASE"
+    )]
     pub backoff_base_seconds: f64,
+    /// Longest restart delay (Kubernetes: 300).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300.0,
+        hide = true,
+        env = "MULTISITE_NODE_BACKOFF_CAP"
+    )]
     pub backoff_cap_seconds: f64,
 }
 

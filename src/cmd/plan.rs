@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How the plan is printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +51,38 @@ pub struct PlanReport {
 pub struct Blocked {
     pub kind: planner::RefusalKind,
     pub reason: String,
+}
+
+/// The flags of `multisite plan` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// File with the family and its replicas; `-` reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+    /// The family to plan for, when the input holds several.
+    #[arg(long, value_name = "NAME")]
+    pub family: Option<String>,
+    /// Compatibility data (Tables 1 and 2) to use instead of the built-in tables.
+    #[arg(long, value_name = "FILE", env = "MULTISITE_COMPATIBILITY")]
+    pub compatibility: Option<PathBuf>,
+}
+
+/// `multisite plan`: prints the plan (or why there is none); `false` when refused.
+pub fn run(args: &PlanArgs) -> anyhow::Result<bool> {
+    let compat = load_compatibility(args.compatibility.as_deref())?;
+    let (source, text) = read_input(&args.file)?;
+    let (fleet, outcome) = compute(&compat, &source, &text, args.family.as_deref())?;
+    match args.output {
+        Output::Table => print!("{}", render_table(&compat, &fleet, &outcome)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report(&fleet, &outcome))?
+        ),
+    }
+    Ok(outcome.is_ok())
 }
 
 /// Reads `path` (`-` for standard input) as text.
