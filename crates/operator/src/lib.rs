@@ -123,9 +123,6 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     metrics.set_ready(true);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let mut background = Vec::new();
     if let Some(addr) = settings.metrics_addr {
         let listener =
@@ -138,7 +135,7 @@ pub async fn run(
         tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving metrics and health probes");
         background.push(tokio::spawn({
             let metrics = metrics.clone();
-            let stopped = wait(stopped.clone());
+            let stopped = until_stopped(stopped.clone());
             async move {
                 if let Err(error) = metrics::serve(listener, metrics, stopped).await {
                     tracing::error!(%error, "metrics server stopped");
@@ -208,6 +205,11 @@ pub async fn run(
     }
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Resolves once the operator is told to stop (or the sender is gone).
+async fn until_stopped(mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
 }
 
 fn api<K>(client: &kube::Client, scope: &Option<String>) -> Api<K>
@@ -285,11 +287,7 @@ async fn run_scope(
         Some(triggers) => families.reconcile_on(triggers),
         None => families,
     };
-    let stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let watch_stopped = stop(stopped.clone());
+    let watch_stopped = until_stopped(stopped.clone());
     let replica_watch = async move {
         tokio::select! {
             _ = replica_watch => {}
@@ -299,19 +297,19 @@ async fn run_scope(
     tokio::join!(
         replica_watch,
         replicas
-            .graceful_shutdown_on(stop(stopped.clone()))
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
             .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         families
-            .graceful_shutdown_on(stop(stopped.clone()))
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
             .run(families::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         sites
-            .graceful_shutdown_on(stop(stopped.clone()))
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
             .run(others::reconcile_site, reconcile::error_policy, ctx.clone())
             .for_each(|_| std::future::ready(())),
         packages
-            .graceful_shutdown_on(stop(stopped.clone()))
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
             .run(
                 others::reconcile_package,
                 reconcile::error_policy,
