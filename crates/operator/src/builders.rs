@@ -37,6 +37,19 @@ pub const SECRET_KEY: &str = "secret";
 /// The user and group every container of the product runs as (not root).
 const RUN_AS: i64 = 65532;
 
+/// The annotation holding a digest of an object as the operator last applied it: a
+/// reconcile that finds the same digest in its cache knows an apply would change
+/// nothing and makes none.
+pub const APPLIED: &str = "multisite.dev/applied";
+
+/// Selects every object made for a replica (its StatefulSet, Service and pod): what the
+/// operator's caches of them watch.
+pub const REPLICA_OBJECTS: &str =
+    "app.kubernetes.io/component=replica,app.kubernetes.io/managed-by=multisite-operator";
+
+/// The label on a replica's objects that names the Replica they serve.
+pub const REPLICA_LABEL: &str = "multisite.dev/replica";
+
 /// Which image and pull policy the operator gives the pods it creates.
 #[derive(Clone, Debug)]
 pub struct Image {
@@ -86,7 +99,7 @@ pub fn replica_labels(replica: &Replica) -> Labels {
         ("app.kubernetes.io/part-of", &replica.spec.family),
         ("app.kubernetes.io/managed-by", "multisite-operator"),
         ("multisite.dev/family", &replica.spec.family),
-        ("multisite.dev/replica", &name),
+        (REPLICA_LABEL, &name),
         ("multisite.dev/site", &replica.spec.site),
     ])
 }
@@ -689,6 +702,31 @@ pub fn gateway_token_secret(family: &ReplicaFamily, token: &str) -> Secret {
         GATEWAY_TOKEN_KEY,
         token,
     )
+}
+
+/// `object` with a digest of itself in the [`APPLIED`] annotation.
+pub fn stamped<K: Resource + serde::Serialize>(mut object: K) -> K {
+    let annotations = object.meta_mut().annotations.take();
+    let bytes = serde_json::to_vec(&object).unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    // 16 bytes tell two builds of an object apart; the rest only lengthens the annotation.
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut annotations = annotations.unwrap_or_default();
+    annotations.insert(APPLIED.into(), hex);
+    object.meta_mut().annotations = Some(annotations);
+    object
+}
+
+/// Whether `observed` (from a cache) is what applying `desired` (stamped) would leave:
+/// it exists, is not going away, and carries the same digest.
+pub fn unchanged<K: Resource>(desired: &K, observed: Option<&K>) -> bool {
+    let digest = |o: &K| o.meta().annotations.as_ref()?.get(APPLIED).cloned();
+    observed.is_some_and(|o| {
+        o.meta().deletion_timestamp.is_none() && digest(o).is_some() && digest(o) == digest(desired)
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 use super::OperatorError;
 use super::builders::{self, Image};
 use super::metrics::Metrics;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -33,6 +34,49 @@ pub struct ManualRequest {
     pub link: Option<(String, String)>,
 }
 
+/// A Kubernetes Event to publish about an object, as a decision names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+impl Announcement {
+    pub fn normal(reason: &'static str, action: &'static str, note: String) -> Self {
+        Announcement {
+            warning: false,
+            reason,
+            action,
+            note,
+        }
+    }
+
+    pub fn warning(reason: &'static str, action: &'static str, note: String) -> Self {
+        Announcement {
+            warning: true,
+            reason,
+            action,
+            note,
+        }
+    }
+}
+
+/// The caches of one watch scope, each filled by one watch, that the controllers read
+/// instead of asking the API server.
+#[derive(Clone)]
+pub struct Stores {
+    pub replicas: Store<Replica>,
+    pub families: Store<ReplicaFamily>,
+    pub sites: Store<Site>,
+    /// The StatefulSets, Services and pods made for replicas (labelled
+    /// [`builders::REPLICA_OBJECTS`]).
+    pub statefulsets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub pods: Store<Pod>,
+}
+
 pub struct Ctx {
     pub client: kube::Client,
     /// Tables 1 and 2, for the upgrade planner.
@@ -48,6 +92,9 @@ pub struct Ctx {
     family_triggers:
         Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>>>,
     pub sites: Store<Site>,
+    pub statefulsets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub pods: Store<Pod>,
     /// The sync runner's view of each family's links, for the family's status.
     pub links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
     /// Why a family has no links although it should, from the sync runner.
@@ -80,7 +127,7 @@ impl Ctx {
         recorder: Recorder,
         metrics: Arc<Metrics>,
         image: Image,
-        stores: (Store<Replica>, Store<ReplicaFamily>, Store<Site>),
+        stores: Stores,
     ) -> Self {
         let (family_changes, family_triggers) = futures::channel::mpsc::unbounded();
         Ctx {
@@ -91,9 +138,12 @@ impl Ctx {
             recorder,
             metrics,
             image,
-            replicas: stores.0,
-            families: stores.1,
-            sites: stores.2,
+            replicas: stores.replicas,
+            families: stores.families,
+            sites: stores.sites,
+            statefulsets: stores.statefulsets,
+            services: stores.services,
+            pods: stores.pods,
             links: Mutex::default(),
             topology_errors: Mutex::default(),
             manual: Mutex::default(),
@@ -106,11 +156,11 @@ impl Ctx {
     }
 
     pub fn family(&self, namespace: &str, name: &str) -> Option<Arc<ReplicaFamily>> {
-        self.families.get(&ObjectRef::new(name).within(namespace))
+        Self::cached(&self.families, namespace, name)
     }
 
     pub fn site(&self, namespace: &str, name: &str) -> Option<Arc<Site>> {
-        self.sites.get(&ObjectRef::new(name).within(namespace))
+        Self::cached(&self.sites, namespace, name)
     }
 
     /// The Replica objects of a family, oldest first (then by name).
@@ -212,6 +262,26 @@ impl Ctx {
 
     pub fn take_manual(&self) -> Vec<ManualRequest> {
         std::mem::take(&mut *locked(&self.manual))
+    }
+
+    /// Publishes what a decision announced about `object`.
+    pub async fn publish<K: Resource<DynamicType = ()>>(&self, object: &K, what: &Announcement) {
+        self.event(
+            object,
+            what.warning,
+            what.reason,
+            what.action,
+            what.note.clone(),
+        )
+        .await
+    }
+
+    /// The cached object `name` of `store` in `namespace`.
+    pub fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
+    where
+        K: Resource<DynamicType = ()> + Clone,
+    {
+        store.get(&ObjectRef::new(name).within(namespace))
     }
 
     /// Publishes a Kubernetes Event about `object`; a failure to publish is logged only.
@@ -322,7 +392,9 @@ impl Ctx {
         })?;
         let token = secret.api_token;
         let client = ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30));
-        locked(&self.replica_clients).insert(key, client.clone());
+        locked(&self.replica_clients).insert(key.clone(), client.clone());
+        // Read, so it exists: `ensure_secret` need not look again.
+        locked(&self.secrets).insert(key);
         Ok(client)
     }
 }

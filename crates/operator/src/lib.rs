@@ -25,12 +25,13 @@ pub mod upgrade;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::Resource;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
 use multisite_core::api::Replica;
 use multisite_core::api::ReplicaFamily;
 use multisite_core::api::SchemaPackage;
@@ -63,9 +64,9 @@ pub enum OperatorError {
 /// The user agent of the operator's requests to the Kubernetes API.
 pub const USER_AGENT: &str = concat!("multisite-operator/", env!("CARGO_PKG_VERSION"));
 
-/// How many Replica events the shared reflector holds for a controller that has not
-/// yet taken them (the writer waits when one falls that far behind).
-const REPLICA_EVENT_BUFFER: usize = 256;
+/// How many events a shared reflector holds for a controller that has not yet taken
+/// them (the writer waits when one falls that far behind).
+const SHARED_EVENT_BUFFER: usize = 256;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -223,6 +224,44 @@ where
     }
 }
 
+/// One watch of `K` shared by several consumers: the store it fills, `N` streams of its
+/// objects for controllers, and the watch itself, to be driven.
+fn shared_watch<K, const N: usize>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    reflector::Store<K>,
+    [reflector::ReflectHandle<K>; N],
+    impl std::future::Future<Output = ()>,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store_shared(SHARED_EVENT_BUFFER);
+    // `store_shared` always makes a writer that gives subscribers.
+    let handles = std::array::from_fn(|_| {
+        writer
+            .subscribe()
+            .expect("a shared store gives subscribers")
+    });
+    let watch = watcher(api, config)
+        .default_backoff()
+        .reflect_shared(writer)
+        .for_each(|event| {
+            if let Err(error) = event {
+                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+            }
+            std::future::ready(())
+        });
+    (store, handles, watch)
+}
+
 /// The controllers and the sync runner of one namespace (or of all).
 async fn run_scope(
     client: kube::Client,
@@ -235,25 +274,25 @@ async fn run_scope(
     // One watch of the Replicas for the three controllers that follow them: a shared
     // reflector whose store the Replica controller reads and whose events the family and
     // Site controllers map to their owners.
-    let (replica_store, replica_writer) = reflector::store_shared(REPLICA_EVENT_BUFFER);
-    // `store_shared` always makes a writer that gives subscribers.
-    let subscribe = || {
-        replica_writer
-            .subscribe()
-            .expect("a shared store gives subscribers")
-    };
-    let (for_replicas, for_families, for_sites) = (subscribe(), subscribe(), subscribe());
-    let replica_watch = watcher(api::<Replica>(&client, &scope), config.clone())
-        .default_backoff()
-        .reflect_shared(replica_writer)
-        .for_each(|event| {
-            if let Err(error) = event {
-                tracing::warn!(%error, "watching Replicas failed; retrying");
-            }
-            std::future::ready(())
+    let (replica_store, [for_replicas, for_families, for_sites], replica_watch) =
+        shared_watch(api::<Replica>(&client, &scope), config.clone());
+    // The StatefulSets, Services and pods made for replicas, cached so that a reconcile
+    // reads them without a request, and watched so that a change to one reconciles its
+    // Replica at once.
+    let owned = config.clone().labels(builders::REPLICA_OBJECTS);
+    let (statefulsets, [statefulset_events], statefulset_watch) =
+        shared_watch(api::<StatefulSet>(&client, &scope), owned.clone());
+    let (services, [service_events], service_watch) =
+        shared_watch(api::<Service>(&client, &scope), owned.clone());
+    let (pods, [pod_events], pod_watch) = shared_watch(api::<Pod>(&client, &scope), owned);
+    let replicas = Controller::for_shared_stream(for_replicas, replica_store.clone())
+        .owns_shared_stream(statefulset_events)
+        .owns_shared_stream(service_events)
+        .watches_shared_stream(pod_events, |pod: Arc<Pod>| {
+            let namespace = pod.metadata.namespace.clone()?;
+            let replica = pod.labels().get(builders::REPLICA_LABEL)?;
+            Some(ObjectRef::new(replica).within(&namespace))
         });
-    let replicas = Controller::for_shared_stream(for_replicas, replica_store)
-        .owns(api::<StatefulSet>(&client, &scope), config.clone());
     // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
     // client tiers and gateway) changes, and when the sync runner's link states for it
     // change (the trigger stream, joined once the context exists).
@@ -281,21 +320,30 @@ async fn run_scope(
         recorder,
         metrics,
         settings.image.clone(),
-        (replicas.store(), families.store(), sites.store()),
+        context::Stores {
+            replicas: replica_store,
+            families: families.store(),
+            sites: sites.store(),
+            statefulsets,
+            services,
+            pods,
+        },
     ));
     let families = match ctx.take_family_triggers() {
         Some(triggers) => families.reconcile_on(triggers),
         None => families,
     };
+    let watches =
+        futures::future::join4(replica_watch, statefulset_watch, service_watch, pod_watch);
     let watch_stopped = until_stopped(stopped.clone());
-    let replica_watch = async move {
+    let watches = async move {
         tokio::select! {
-            _ = replica_watch => {}
+            _ = watches => {}
             _ = watch_stopped => {}
         }
     };
     tokio::join!(
-        replica_watch,
+        watches,
         replicas
             .graceful_shutdown_on(until_stopped(stopped.clone()))
             .run(replicas::reconcile, reconcile::error_policy, ctx.clone())

@@ -3,10 +3,11 @@
 //! rules' tests and the end-to-end runs, this is where a request dropped from (or added
 //! to) a reconcile shows.
 
-use super::context::Ctx;
+use super::context::{Ctx, Stores};
 use super::{builders, metrics, replicas};
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
@@ -118,12 +119,28 @@ where
     reader
 }
 
+/// The caches of a scope holding these objects, and none of the replicas' workloads.
+fn stores(replicas: Vec<Replica>, families: Vec<ReplicaFamily>, sites: Vec<Site>) -> Stores {
+    Stores {
+        replicas: store_of(replicas),
+        families: store_of(families),
+        sites: store_of(sites),
+        statefulsets: store_of(vec![]),
+        services: store_of(vec![]),
+        pods: store_of(vec![]),
+    }
+}
+
 fn context(
     api: &ScriptedApi,
     replicas: Vec<Replica>,
     families: Vec<ReplicaFamily>,
     sites: Vec<Site>,
 ) -> Arc<Ctx> {
+    context_with(api, stores(replicas, families, sites))
+}
+
+fn context_with(api: &ScriptedApi, stores: Stores) -> Arc<Ctx> {
     let recorder = Recorder::new(
         api.client.clone(),
         Reporter {
@@ -139,7 +156,7 @@ fn context(
             reference: "multisite:test".into(),
             pull_policy: "Never".into(),
         },
-        (store_of(replicas), store_of(families), store_of(sites)),
+        stores,
     ))
 }
 
@@ -234,7 +251,8 @@ async fn a_replica_without_its_family_reports_it_in_status_only() {
 }
 
 /// The first reconcile of a placed Replica: the family Secret is made (and announced),
-/// the StatefulSet and Service applied, the pod looked for, and the status written.
+/// the StatefulSet and Service applied, and the status written. The pod is looked for
+/// in the cache, not asked of the API server.
 #[tokio::test]
 async fn a_placed_replica_gets_its_secret_workload_and_status() {
     let r = replica(true);
@@ -251,7 +269,6 @@ async fn a_placed_replica_gets_its_secret_workload_and_status() {
             format!("POST {EVENTS}"),
             format!("PATCH /apis/apps/v1/namespaces/{NS}/statefulsets/sampl-tokyo"),
             format!("PATCH /api/v1/namespaces/{NS}/services/sampl-tokyo"),
-            format!("GET /api/v1/namespaces/{NS}/pods/sampl-tokyo-0"),
             format!("PATCH {REPLICAS}/sampl-tokyo/status"),
         ]
     );
@@ -369,4 +386,257 @@ async fn link_and_topology_changes_trigger_the_family_and_repeats_do_not() {
     ctx.set_topology_error(key.clone(), None);
     ctx.set_topology_error(key.clone(), None);
     assert_eq!(woken(), ["tracker/sampl"]);
+}
+
+/// A replica server on loopback that records every request and answers by `answer`.
+/// Pods serve the replica API on the product's fixed port, so each stub takes that port
+/// on a loopback address of its own, chosen at run time among free ones.
+struct ReplicaStub {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    ip: String,
+}
+
+impl ReplicaStub {
+    async fn start(answer: impl Fn(&Method, &str) -> Answer + Send + Sync + 'static) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let answer = Arc::new(answer);
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+            let record = record.clone();
+            let answer = answer.clone();
+            async move {
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let path = uri.path().to_string();
+                let (status, reply) = answer(&method, &path);
+                record.lock().unwrap().push(Seen { method, path, body });
+                (status, axum::Json(reply))
+            }
+        });
+        let base = std::process::id() % 200;
+        let listener = loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert!(n < 1000, "no free loopback address for a replica stub");
+            let ip = format!("127.{}.{}.{}", 100 + base % 50, n / 250, 1 + n % 250);
+            if let Ok(listener) =
+                tokio::net::TcpListener::bind(format!("{ip}:{}", builders::API_PORT)).await
+            {
+                break listener;
+            }
+        };
+        let ip = listener.local_addr().unwrap().ip().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        ReplicaStub { seen, ip }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.seen.lock().unwrap().iter().map(Seen::line).collect()
+    }
+
+    fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// A pod of `replica` that serves at this stub, ready.
+    fn pod(&self, replica: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": builders::pod_name(replica), "namespace": NS},
+            "status": {"podIP": self.ip, "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap()
+    }
+}
+
+/// The API's store: the Replica and the family Secret.
+fn stored_with_secret(replica: &Replica) -> impl Fn(&str) -> Option<Value> + Send + Sync + 'static {
+    let own = stored(replica);
+    let secret =
+        builders::family_secret(&family(), &multisite_replica::secret::generate().unwrap());
+    let path = format!("/api/v1/namespaces/{NS}/secrets/sampl-secret");
+    let secret = serde_json::to_value(secret).unwrap();
+    move |p: &str| own(p).or_else(|| (p == path).then(|| secret.clone()))
+}
+
+fn status_report(replica: &str) -> Value {
+    json!({
+        "family": "sampl", "replica": replica, "idPrefix": "SAMPL", "idTag": "t",
+        "incarnation": 1, "schemaRepositoryFeatureLevel": 7, "userDatabaseFeatureLevel": 7,
+        "metaschemaVersion": 22, "packetVersion": {"creates": 11, "acceptsMin": 6, "acceptsMax": 11},
+        "syncBlocked": null, "schemaVersion": 1, "userDatabaseSchemaVersion": 1,
+        "schemaRepositoryMaster": replica, "epochs": {replica: 4}, "heldPackets": 0, "held": [],
+        "peers": [], "mastered": {"records": 3}, "changeLog": 0
+    })
+}
+
+/// The caches of a scope where `replica`'s workload is as the operator builds it and
+/// its pod serves at `stub`.
+fn settled_stores(replica: &Replica, stub: &ReplicaStub) -> Stores {
+    let image = builders::Image {
+        reference: "multisite:test".into(),
+        pull_policy: "Never".into(),
+    };
+    Stores {
+        statefulsets: store_of(vec![builders::stamped(builders::statefulset(
+            replica,
+            &site(),
+            &image,
+        ))]),
+        services: store_of(vec![builders::stamped(builders::service(replica))]),
+        pods: store_of(vec![
+            stub.pod(&replica.metadata.name.clone().unwrap_or_default()),
+        ]),
+        ..stores(vec![replica.clone()], vec![family()], vec![site()])
+    }
+}
+
+/// A serving replica: its own report goes into its status, and once the status holds
+/// it, the poll costs one call to the replica and no request to Kubernetes.
+#[tokio::test]
+async fn a_settled_replica_costs_its_poll_no_kubernetes_request() {
+    let stub = ReplicaStub::start(|_, path| {
+        if path == multisite_replica::api::route::STATUS {
+            (StatusCode::OK, status_report("sampl-tokyo"))
+        } else {
+            not_found(path)
+        }
+    })
+    .await;
+    let mut r = replica(true);
+    let api = ScriptedApi::start(stored_with_secret(&r)).await;
+    let ctx = context_with(&api, settled_stores(&r, &stub));
+    replicas::reconcile(Arc::new(r.clone()), ctx.clone())
+        .await
+        .expect("a reconcile");
+    assert_eq!(
+        api.lines(),
+        [
+            format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            format!("PATCH {REPLICAS}/sampl-tokyo/status"),
+            format!("POST {EVENTS}"),
+        ]
+    );
+    assert_eq!(stub.lines(), ["GET /v1/status"]);
+    let written = api.requests()[1].body["status"].clone();
+    assert_eq!(written["phase"], json!("Active"));
+    assert_eq!(written["epochs"], json!({"sampl-tokyo": 4}));
+    assert_eq!(api.requests()[2].body["reason"], json!("Active"));
+
+    // The next poll, with the status written: the replica is asked, Kubernetes is not.
+    r.status = Some(serde_json::from_value(written).unwrap());
+    replicas::reconcile(Arc::new(r), ctx)
+        .await
+        .expect("a reconcile");
+    assert_eq!(api.lines().len(), 3, "{:?}", api.lines());
+    assert_eq!(stub.lines(), ["GET /v1/status", "GET /v1/status"]);
+}
+
+/// A pod waiting for its bootstrap is told to start the family; the bootstrap is
+/// announced once the pod took it, and the status says Bootstrapping. A pod that
+/// answers that a bootstrap runs already is not announced again.
+#[tokio::test]
+async fn a_waiting_pod_is_bootstrapped_and_announced_once() {
+    for (answer, announced) in [
+        (
+            (
+                StatusCode::ACCEPTED,
+                json!({"family": "sampl", "replica": "sampl-tokyo", "awaitingBootstrap": true,
+                       "running": "creating the family", "error": "bootstrapping"}),
+            ),
+            true,
+        ),
+        (
+            (
+                StatusCode::CONFLICT,
+                json!({"error": "a bootstrap runs", "reason": "BootstrapRunning"}),
+            ),
+            false,
+        ),
+    ] {
+        let stub = ReplicaStub::start(move |method, path| match (method.as_str(), path) {
+            ("GET", "/v1/status") => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"family": "sampl", "replica": "sampl-tokyo", "awaitingBootstrap": true,
+                       "error": "waiting for bootstrap"}),
+            ),
+            ("POST", "/v1/bootstrap") => answer.clone(),
+            _ => not_found(path),
+        })
+        .await;
+        let r = replica(true);
+        let api = ScriptedApi::start(stored_with_secret(&r)).await;
+        let ctx = context_with(&api, settled_stores(&r, &stub));
+        replicas::reconcile(Arc::new(r), ctx)
+            .await
+            .expect("a reconcile");
+        assert_eq!(stub.lines(), ["GET /v1/status", "POST /v1/bootstrap"]);
+        let request = &stub.requests()[1].body;
+        assert_eq!(request["replica"], json!("sampl-tokyo"));
+        assert_eq!(request["init"]["id_prefix"], json!("SAMPL"));
+        let mut expected = vec![format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret")];
+        if announced {
+            expected.push(format!("POST {EVENTS}"));
+        }
+        expected.push(format!("PATCH {REPLICAS}/sampl-tokyo/status"));
+        assert_eq!(api.lines(), expected);
+        let status = api.requests().last().unwrap().body["status"].clone();
+        assert_eq!(status["phase"], json!("Bootstrapping"));
+    }
+}
+
+/// A served replica being deleted hands its mastership to the other active replica
+/// first, announces it, and waits (finalizer kept) for the peers to receive that.
+#[tokio::test]
+async fn removal_moves_mastership_to_the_heir_and_keeps_the_finalizer() {
+    let stub = ReplicaStub::start(|method, path| match (method.as_str(), path) {
+        ("GET", "/v1/status") => (StatusCode::OK, status_report("sampl-tokyo")),
+        ("POST", "/v1/retire") => (StatusCode::OK, status_report("sampl-tokyo")),
+        _ => not_found(path),
+    })
+    .await;
+    let mut r = replica(true);
+    r.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    r.status = Some(multisite_core::api::ReplicaStatus {
+        phase: Some(multisite_core::api::ReplicaPhase::Active),
+        incarnation: Some(1),
+        ..Default::default()
+    });
+    let mut heir = replica(true);
+    heir.metadata.name = Some("sampl-paris".into());
+    heir.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+    ));
+    heir.status = Some(multisite_core::api::ReplicaStatus {
+        phase: Some(multisite_core::api::ReplicaPhase::Active),
+        endpoint: Some("http://127.0.0.1:1".into()),
+        incarnation: Some(1),
+        ..Default::default()
+    });
+    let api = ScriptedApi::start(stored_with_secret(&r)).await;
+    let ctx = context_with(
+        &api,
+        Stores {
+            replicas: store_of(vec![r.clone(), heir]),
+            ..settled_stores(&r, &stub)
+        },
+    );
+    replicas::reconcile(Arc::new(r), ctx)
+        .await
+        .expect("a reconcile");
+    assert_eq!(stub.lines(), ["GET /v1/status", "POST /v1/retire"]);
+    assert_eq!(stub.requests()[1].body["to"], json!("sampl-paris"));
+    assert_eq!(
+        api.lines(),
+        [
+            format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            format!("POST {EVENTS}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {REPLICAS}/sampl-tokyo/status"),
+        ]
+    );
+    let requests = api.requests();
+    assert_eq!(requests[1].body["reason"], json!("Removing"));
+    assert_eq!(requests[2].body["reason"], json!("MastershipMoved"));
+    assert_eq!(requests[3].body["status"]["phase"], json!("Removing"));
 }
