@@ -42,10 +42,12 @@ const RUN_AS: i64 = 65532;
 /// nothing and makes none.
 pub const APPLIED: &str = "multisite.dev/applied";
 
-/// Selects every object made for a replica (its StatefulSet, Service and pod): what the
-/// operator's caches of them watch.
-pub const REPLICA_OBJECTS: &str =
-    "app.kubernetes.io/component=replica,app.kubernetes.io/managed-by=multisite-operator";
+/// Selects every object the operator makes (and the pods of its workloads): what its
+/// caches of StatefulSets, Deployments, Services and pods watch.
+pub const MANAGED: &str = "app.kubernetes.io/managed-by=multisite-operator";
+
+/// The label that says which part of the product an object belongs to.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 
 /// The label on a replica's objects that names the Replica they serve.
 pub const REPLICA_LABEL: &str = "multisite.dev/replica";
@@ -95,7 +97,7 @@ pub fn replica_labels(replica: &Replica) -> Labels {
     labels(&[
         ("app.kubernetes.io/name", "multisite-replica"),
         ("app.kubernetes.io/instance", &name),
-        ("app.kubernetes.io/component", "replica"),
+        (COMPONENT_LABEL, "replica"),
         ("app.kubernetes.io/part-of", &replica.spec.family),
         ("app.kubernetes.io/managed-by", "multisite-operator"),
         ("multisite.dev/family", &replica.spec.family),
@@ -448,7 +450,7 @@ fn tier_labels(family: &str, tier: &str) -> Labels {
     labels(&[
         ("app.kubernetes.io/name", "multisite-client"),
         ("app.kubernetes.io/instance", &tier_name(family, tier)),
-        ("app.kubernetes.io/component", "client"),
+        (COMPONENT_LABEL, "client"),
         ("app.kubernetes.io/part-of", family),
         ("app.kubernetes.io/managed-by", "multisite-operator"),
         ("multisite.dev/family", family),
@@ -608,7 +610,7 @@ pub fn gateway_deployment(
     let labels = labels(&[
         ("app.kubernetes.io/name", "multisite-gateway"),
         ("app.kubernetes.io/instance", &name),
-        ("app.kubernetes.io/component", "gateway"),
+        (COMPONENT_LABEL, "gateway"),
         ("app.kubernetes.io/part-of", &family_name),
         ("app.kubernetes.io/managed-by", "multisite-operator"),
         ("multisite.dev/family", &family_name),

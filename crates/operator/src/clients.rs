@@ -4,11 +4,11 @@
 
 use super::OperatorError;
 use super::builders;
-use super::context::{Ctx, apply_object};
+use super::context::{Ctx, apply_changed};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use multisite_core::api::{ClientTier, ClientTierStatus, ReplicaFamily, ReplicaPhase};
 
 /// The replica a tier uses: an Active one at its site (or any site), oldest first.
@@ -41,19 +41,16 @@ pub async fn roll_out(
         ));
     };
     let namespace = family.namespace().unwrap_or_default();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = builders::tier_name(&family.name_any(), tier);
-    let before = deployments.get_opt(&name).await?;
+    let before = Ctx::cached(&ctx.deployments, &namespace, &name);
     let old_release = before
         .as_ref()
         .and_then(|d| d.labels().get("multisite.dev/release").cloned());
-    apply_object(
-        &deployments,
-        &builders::client_deployment(family, spec, release, &replica, &ctx.image),
-    )
-    .await?;
-    apply_object(&services, &builders::client_service(family, tier)).await?;
+    let deployment = builders::client_deployment(family, spec, release, &replica, &ctx.image);
+    apply_changed(ctx, &namespace, deployment, before.as_deref()).await?;
+    let service = builders::client_service(family, tier);
+    let cached = Ctx::cached(&ctx.services, &namespace, &name);
+    apply_changed(ctx, &namespace, service, cached.as_deref()).await?;
     if old_release.as_deref() != Some(release) {
         ctx.event(
             family,
@@ -70,7 +67,7 @@ pub async fn roll_out(
         .await;
     }
     let ready = before
-        .and_then(|d| d.status)
+        .and_then(|d| d.status.clone())
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     Ok(format!(
@@ -80,19 +77,18 @@ pub async fn roll_out(
 }
 
 /// Each tier as deployed: its release once every pod runs it and is ready.
-pub async fn observe(
-    ctx: &Ctx,
-    family: &ReplicaFamily,
-) -> Result<Vec<ClientTierStatus>, OperatorError> {
+pub fn observe(ctx: &Ctx, family: &ReplicaFamily) -> Vec<ClientTierStatus> {
     let namespace = family.namespace().unwrap_or_default();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut out = Vec::new();
-    for tier in &family.spec.clients {
-        let name = builders::tier_name(&family.name_any(), &tier.name);
-        let deployment = deployments.get_opt(&name).await?;
-        out.push(tier_status(tier, deployment.as_ref()));
-    }
-    Ok(out)
+    family
+        .spec
+        .clients
+        .iter()
+        .map(|tier| {
+            let name = builders::tier_name(&family.name_any(), &tier.name);
+            let deployment = Ctx::cached(&ctx.deployments, &namespace, &name);
+            tier_status(tier, deployment.as_deref())
+        })
+        .collect()
 }
 
 /// A tier's status from its Deployment (pure).
@@ -123,16 +119,17 @@ pub fn tier_status(tier: &ClientTier, deployment: Option<&Deployment>) -> Client
 /// Deletes the Deployments and Services of tiers no longer in the spec.
 pub async fn prune(ctx: &Ctx, family: &ReplicaFamily) -> Result<(), OperatorError> {
     let namespace = family.namespace().unwrap_or_default();
-    let selector = format!(
-        "multisite.dev/family={},app.kubernetes.io/component=client",
-        family.name_any()
-    );
+    let family_name = family.name_any();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    for deployment in deployments
-        .list(&ListParams::default().labels(&selector))
-        .await?
-    {
+    let tiers = ctx.deployments.state().into_iter().filter(|d| {
+        let labels = d.labels();
+        d.namespace().as_deref() == Some(namespace.as_str())
+            && labels.get("multisite.dev/family") == Some(&family_name)
+            && labels.get(builders::COMPONENT_LABEL).map(String::as_str) == Some("client")
+            && d.metadata.deletion_timestamp.is_none()
+    });
+    for deployment in tiers {
         let tier = deployment
             .labels()
             .get("multisite.dev/tier")

@@ -4,7 +4,7 @@
 use super::OperatorError;
 use super::builders::{self, Image};
 use super::metrics::Metrics;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -70,9 +70,10 @@ pub struct Stores {
     pub replicas: Store<Replica>,
     pub families: Store<ReplicaFamily>,
     pub sites: Store<Site>,
-    /// The StatefulSets, Services and pods made for replicas (labelled
-    /// [`builders::REPLICA_OBJECTS`]).
+    /// The StatefulSets, Deployments, Services and pods of the product (labelled
+    /// [`builders::MANAGED`]).
     pub statefulsets: Store<StatefulSet>,
+    pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pods: Store<Pod>,
 }
@@ -93,6 +94,7 @@ pub struct Ctx {
         Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<ReplicaFamily>>>>,
     pub sites: Store<Site>,
     pub statefulsets: Store<StatefulSet>,
+    pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pods: Store<Pod>,
     /// The sync runner's view of each family's links, for the family's status.
@@ -106,9 +108,9 @@ pub struct Ctx {
     /// One replica client per family: its token, and one connection pool that every
     /// call to the family's replicas shares.
     replica_clients: Mutex<HashMap<FamilyKey, ReplicaClient>>,
-    /// Families whose Secret this process has seen or made, so it is not read again
-    /// on every reconcile.
-    secrets: Mutex<std::collections::HashSet<FamilyKey>>,
+    /// Secrets (namespace, name) this process has seen or made, so they are not read
+    /// again on every reconcile.
+    secrets: Mutex<std::collections::HashSet<(String, String)>>,
     /// The last value of each family condition this process announced with an Event,
     /// so that a reconcile working from a cache that lags its own status write does
     /// not announce a transition twice.
@@ -142,6 +144,7 @@ impl Ctx {
             families: stores.families,
             sites: stores.sites,
             statefulsets: stores.statefulsets,
+            deployments: stores.deployments,
             services: stores.services,
             pods: stores.pods,
             links: Mutex::default(),
@@ -322,34 +325,51 @@ impl Ctx {
     /// never changes under running replicas). Its value is never logged.
     pub async fn ensure_secret(&self, family: &ReplicaFamily) -> Result<(), OperatorError> {
         let namespace = family.namespace().unwrap_or_default();
-        let key = (namespace.clone(), family.name_any());
-        if locked(&self.secrets).contains(&key) {
-            return Ok(());
-        }
         let name = builders::secret_name(&family.name_any());
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
-        if api.get_opt(&name).await?.is_some() {
+        let created = self
+            .create_secret_once(&namespace, &name, |value| {
+                builders::family_secret(family, value)
+            })
+            .await?;
+        if created {
+            self.event(
+                family,
+                false,
+                "SecretCreated",
+                "CreateSecret",
+                format!("created Secret {name} holding the family's shared secret"),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Creates Secret `name` from a fresh random value unless it exists (looked up once
+    /// per process); never rewrites one. `true` when this call created it.
+    pub async fn create_secret_once(
+        &self,
+        namespace: &str,
+        name: &str,
+        build: impl FnOnce(&str) -> Secret,
+    ) -> Result<bool, OperatorError> {
+        let key = (namespace.to_string(), name.to_string());
+        if locked(&self.secrets).contains(&key) {
+            return Ok(false);
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        if api.get_opt(name).await?.is_some() {
             locked(&self.secrets).insert(key);
-            return Ok(());
+            return Ok(false);
         }
         let value = multisite_replica::secret::generate()
             .map_err(|e| OperatorError::Secret(e.to_string()))?;
-        let object = builders::family_secret(family, &value);
-        match api.create(&Default::default(), &object).await {
+        match api.create(&Default::default(), &build(&value)).await {
             Ok(_) => {
                 locked(&self.secrets).insert(key);
-                self.event(
-                    family,
-                    false,
-                    "SecretCreated",
-                    "CreateSecret",
-                    format!("created Secret {name} holding the family's shared secret"),
-                )
-                .await;
-                Ok(())
+                Ok(true)
             }
             // Another reconcile made it first: that one stands.
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -394,7 +414,7 @@ impl Ctx {
         let client = ReplicaClient::new(token, None).with_timeout(Duration::from_secs(30));
         locked(&self.replica_clients).insert(key.clone(), client.clone());
         // Read, so it exists: `ensure_secret` need not look again.
-        locked(&self.secrets).insert(key);
+        locked(&self.secrets).insert((key.0, name));
         Ok(client)
     }
 }
@@ -443,4 +463,26 @@ where
     )
     .await?;
     Ok(())
+}
+
+/// Applies `object` (stamped with its digest) unless `cached`, the cache's copy, already
+/// carries the same digest: then an apply would change nothing and none is made.
+pub async fn apply_changed<K>(
+    ctx: &Ctx,
+    namespace: &str,
+    object: K,
+    cached: Option<&K>,
+) -> Result<(), OperatorError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let object = builders::stamped(object);
+    if builders::unchanged(&object, cached) {
+        return Ok(());
+    }
+    apply_object(&Api::namespaced(ctx.client.clone(), namespace), &object).await
 }

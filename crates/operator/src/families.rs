@@ -317,7 +317,7 @@ async fn apply(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorErro
     }
     // Client tiers as deployed, then the upgrade plan (which reads them).
     super::clients::prune(ctx, family).await?;
-    let clients = super::clients::observe(ctx, family).await?;
+    let clients = super::clients::observe(ctx, family);
     let mut observed_family = family.clone();
     let observed_status = observed_family.status.get_or_insert_with(Default::default);
     observed_status.clients = clients.clone();

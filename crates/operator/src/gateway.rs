@@ -7,11 +7,10 @@
 
 use super::OperatorError;
 use super::builders;
-use super::context::{Ctx, apply_object};
+use super::context::{Ctx, apply_changed};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use multisite_core::api::{GatewayStatus, ReplicaFamily, ReplicaPhase};
 use multisite_core::packet::change::{CHANGE_EVENT_TYPE, GATEWAY_REPLICA, ItemKind};
 use multisite_replica::api::{GatewayReport, ItemQuery, MoveMastership, ReplicaClient, Setting};
@@ -118,8 +117,13 @@ async fn move_pin(
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = builders::gateway_name(&family.name_any());
     let moving = format!("moving the gateway from {from} to {to}");
-    if deployments.get_opt(&name).await?.is_some() {
-        deployments.delete(&name, &Default::default()).await?;
+    if Ctx::cached(&ctx.deployments, &namespace, &name).is_some() {
+        match deployments.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            // The cache lagged its deletion.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
         ctx.event(
             family,
             false,
@@ -281,42 +285,33 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
             problem: None,
         });
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = builders::gateway_name(&family.name_any());
-    if secrets.get_opt(&name).await?.is_none() {
-        let token = multisite_replica::secret::generate()
-            .map_err(|e| OperatorError::Secret(e.to_string()))?;
-        match secrets
-            .create(
-                &Default::default(),
-                &builders::gateway_token_secret(family, &token),
-            )
-            .await
-        {
-            Ok(_) => {}
-            // Made by another reconcile first: that one stands.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_object(
-        &deployments,
-        &builders::gateway_deployment(family, &spec.replica, endpoint, &ctx.image),
+    ctx.create_secret_once(&namespace, &name, |token| {
+        builders::gateway_token_secret(family, token)
+    })
+    .await?;
+    let deployment = builders::gateway_deployment(family, &spec.replica, endpoint, &ctx.image);
+    let cached = Ctx::cached(&ctx.deployments, &namespace, &name);
+    apply_changed(ctx, &namespace, deployment, cached.as_deref()).await?;
+    let cached = Ctx::cached(&ctx.services, &namespace, &name);
+    apply_changed(
+        ctx,
+        &namespace,
+        builders::gateway_service(family),
+        cached.as_deref(),
     )
     .await?;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_object(&services, &builders::gateway_service(family)).await?;
     // The gateway's own report, from its pod.
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = format!("app.kubernetes.io/instance={name}");
-    let ip = pods
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
+    let ip = ctx
+        .pods
+        .state()
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .find_map(|p| p.status?.pod_ip);
+        .filter(|p| {
+            p.namespace().as_deref() == Some(namespace.as_str())
+                && p.labels().get("app.kubernetes.io/instance") == Some(&name)
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone());
     let report: Option<GatewayReport> = match ip {
         Some(ip) => {
             let client = HttpClient::new(String::new(), None)

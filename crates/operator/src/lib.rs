@@ -276,12 +276,14 @@ async fn run_scope(
     // Site controllers map to their owners.
     let (replica_store, [for_replicas, for_families, for_sites], replica_watch) =
         shared_watch(api::<Replica>(&client, &scope), config.clone());
-    // The StatefulSets, Services and pods made for replicas, cached so that a reconcile
-    // reads them without a request, and watched so that a change to one reconciles its
-    // Replica at once.
-    let owned = config.clone().labels(builders::REPLICA_OBJECTS);
+    // The StatefulSets, Deployments, Services and pods of the product, cached so that a
+    // reconcile reads them without a request, and watched so that a change to one
+    // reconciles its Replica or family at once.
+    let owned = config.clone().labels(builders::MANAGED);
     let (statefulsets, [statefulset_events], statefulset_watch) =
         shared_watch(api::<StatefulSet>(&client, &scope), owned.clone());
+    let (deployments, [deployment_events], deployment_watch) =
+        shared_watch(api::<Deployment>(&client, &scope), owned.clone());
     let (services, [service_events], service_watch) =
         shared_watch(api::<Service>(&client, &scope), owned.clone());
     let (pods, [pod_events], pod_watch) = shared_watch(api::<Pod>(&client, &scope), owned);
@@ -289,9 +291,13 @@ async fn run_scope(
         .owns_shared_stream(statefulset_events)
         .owns_shared_stream(service_events)
         .watches_shared_stream(pod_events, |pod: Arc<Pod>| {
+            // Only a replica's own pod: the gateway's names its replica too.
+            let labels = pod.labels();
+            if labels.get(builders::COMPONENT_LABEL).map(String::as_str) != Some("replica") {
+                return None;
+            }
             let namespace = pod.metadata.namespace.clone()?;
-            let replica = pod.labels().get(builders::REPLICA_LABEL)?;
-            Some(ObjectRef::new(replica).within(&namespace))
+            Some(ObjectRef::new(labels.get(builders::REPLICA_LABEL)?).within(&namespace))
         });
     // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
     // client tiers and gateway) changes, and when the sync runner's link states for it
@@ -301,7 +307,7 @@ async fn run_scope(
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.family).within(&namespace))
         })
-        .owns(api::<Deployment>(&client, &scope), config.clone());
+        .owns_shared_stream(deployment_events);
     let sites = Controller::new(api::<Site>(&client, &scope), config.clone())
         .watches_shared_stream(for_sites, |r: Arc<Replica>| {
             let namespace = r.metadata.namespace.clone()?;
@@ -325,6 +331,7 @@ async fn run_scope(
             families: families.store(),
             sites: sites.store(),
             statefulsets,
+            deployments,
             services,
             pods,
         },
@@ -333,8 +340,13 @@ async fn run_scope(
         Some(triggers) => families.reconcile_on(triggers),
         None => families,
     };
-    let watches =
-        futures::future::join4(replica_watch, statefulset_watch, service_watch, pod_watch);
+    let watches = futures::future::join5(
+        replica_watch,
+        statefulset_watch,
+        deployment_watch,
+        service_watch,
+        pod_watch,
+    );
     let watch_stopped = until_stopped(stopped.clone());
     let watches = async move {
         tokio::select! {

@@ -126,6 +126,7 @@ fn stores(replicas: Vec<Replica>, families: Vec<ReplicaFamily>, sites: Vec<Site>
         families: store_of(families),
         sites: store_of(sites),
         statefulsets: store_of(vec![]),
+        deployments: store_of(vec![]),
         services: store_of(vec![]),
         pods: store_of(vec![]),
     }
@@ -639,4 +640,97 @@ async fn removal_moves_mastership_to_the_heir_and_keeps_the_finalizer() {
     assert_eq!(requests[1].body["reason"], json!("Removing"));
     assert_eq!(requests[2].body["reason"], json!("MastershipMoved"));
     assert_eq!(requests[3].body["status"]["phase"], json!("Removing"));
+}
+
+/// A settled family (its one replica Active at the target level, its client tier's
+/// Deployment in the cache, complete at the tier's release): its status is written once,
+/// and the next reconcile, with that status in place, makes no request at all.
+#[tokio::test]
+async fn a_settled_family_writes_its_status_once_then_makes_no_request() {
+    use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+    let mut f = family();
+    f.metadata.generation = Some(1);
+    f.spec.clients = vec![multisite_core::api::ClientTier {
+        name: "web".into(),
+        release: "8.0.1.1".into(),
+        replicas: 1,
+        site: None,
+    }];
+    let mut r = replica(true);
+    r.status = Some(multisite_core::api::ReplicaStatus {
+        phase: Some(multisite_core::api::ReplicaPhase::Active),
+        schema_repository_feature_level: Some(7),
+        user_database_feature_level: Some(7),
+        endpoint: Some("http://127.0.0.1:1".into()),
+        incarnation: Some(1),
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            reason: "Serving".into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+        }],
+        ..Default::default()
+    });
+    let mut tier: Deployment =
+        builders::client_deployment(&f, &f.spec.clients[0], "8.0.1.1", "sampl-tokyo", &{
+            builders::Image {
+                reference: "multisite:test".into(),
+                pull_policy: "Never".into(),
+            }
+        });
+    tier.metadata.generation = Some(1);
+    tier.status = Some(DeploymentStatus {
+        observed_generation: Some(1),
+        replicas: Some(1),
+        updated_replicas: Some(1),
+        ready_replicas: Some(1),
+        ..Default::default()
+    });
+    let family_path = format!("/apis/multisite.dev/v1alpha1/namespaces/{NS}/replicafamilies/sampl");
+    let family_object = serde_json::to_value(&f).unwrap();
+    let secret = stored_with_secret(&r);
+    let api = ScriptedApi::start(move |p| {
+        secret(p).or_else(|| (p == family_path).then(|| family_object.clone()))
+    })
+    .await;
+    let ctx = context_with(
+        &api,
+        Stores {
+            deployments: store_of(vec![tier]),
+            ..stores(vec![r], vec![f.clone()], vec![site()])
+        },
+    );
+    super::families::reconcile(Arc::new(f.clone()), ctx.clone())
+        .await
+        .expect("a reconcile");
+    let family_status =
+        format!("PATCH /apis/multisite.dev/v1alpha1/namespaces/{NS}/replicafamilies/sampl/status");
+    assert_eq!(
+        api.lines(),
+        [
+            format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            family_status.clone(),
+        ]
+    );
+    let written = api.requests()[1].body["status"].clone();
+    assert_eq!(written["featureLevel"], json!(7));
+    assert_eq!(
+        written["clients"],
+        json!([{"name": "web", "release": "8.0.1.1", "replicas": 1, "readyReplicas": 1}])
+    );
+    let ready = written["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .expect("a Ready condition");
+    assert_eq!(ready["status"], json!("True"));
+
+    f.status = Some(serde_json::from_value(written).unwrap());
+    super::families::reconcile(Arc::new(f), ctx)
+        .await
+        .expect("a reconcile");
+    assert_eq!(api.lines().len(), 2, "{:?}", api.lines());
 }
