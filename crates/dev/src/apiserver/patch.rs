@@ -3,26 +3,13 @@
 
 use super::ApiError;
 use crate::status::Error;
+use json_patch::{PatchErrorKind, PatchOperation};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 /// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch_map) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    if let Value::Object(target_map) = target {
-        for (key, value) in patch_map {
-            if value.is_null() {
-                target_map.remove(key);
-            } else {
-                merge_patch(target_map.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-    }
+    json_patch::merge(target, patch);
 }
 
 /// The merge key of a list field that a strategic merge patch merges item by item (the
@@ -136,162 +123,67 @@ fn merge_list(current: &mut Vec<Value>, items: &[Value], field: &str) {
     }
 }
 
-fn pointer_tokens(pointer: &str) -> Result<Vec<String>, Error> {
-    if pointer.is_empty() {
-        return Ok(Vec::new());
-    }
-    let Some(rest) = pointer.strip_prefix('/') else {
-        return Err(Error::bad_request(format!(
-            "json patch path {pointer:?} does not start with /"
-        )));
-    };
-    Ok(rest
-        .split('/')
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect())
-}
-
-fn missing(pointer: &str) -> Error {
-    Error::bad_request(format!("json patch: the path {pointer:?} does not exist"))
-}
-
-fn array_index(token: &str, len: usize, inclusive: bool, pointer: &str) -> Result<usize, Error> {
-    let index: usize = token.parse().map_err(|_| missing(pointer))?;
-    if index > len || (!inclusive && index == len) {
-        return Err(Error::bad_request(format!(
-            "json patch: index {index} is out of bounds in {pointer:?}"
-        )));
-    }
-    Ok(index)
-}
-
-/// The parent of the location `pointer` names, and the last token.
-fn parent_mut<'a>(doc: &'a mut Value, pointer: &str) -> Result<(&'a mut Value, String), Error> {
-    let mut tokens = pointer_tokens(pointer)?;
-    let Some(last) = tokens.pop() else {
-        return Err(Error::bad_request("json patch: the root cannot be changed"));
-    };
-    let mut current = doc;
-    for token in &tokens {
-        current = match current {
-            Value::Object(map) => map.get_mut(token).ok_or_else(|| missing(pointer))?,
-            Value::Array(items) => {
-                let index = array_index(token, items.len(), false, pointer)?;
-                &mut items[index]
-            }
-            _ => return Err(missing(pointer)),
-        };
-    }
-    Ok((current, last))
-}
-
-fn add(doc: &mut Value, pointer: &str, value: Value) -> Result<(), Error> {
-    if pointer.is_empty() {
-        *doc = value;
-        return Ok(());
-    }
-    let (parent, last) = parent_mut(doc, pointer)?;
-    match parent {
-        Value::Object(map) => {
-            map.insert(last, value);
-        }
-        Value::Array(items) => {
-            if last == "-" {
-                items.push(value);
-            } else {
-                let index = array_index(&last, items.len(), true, pointer)?;
-                items.insert(index, value);
-            }
-        }
-        _ => return Err(missing(pointer)),
-    }
-    Ok(())
-}
-
-fn remove(doc: &mut Value, pointer: &str) -> Result<Value, Error> {
-    let (parent, last) = parent_mut(doc, pointer)?;
-    match parent {
-        Value::Object(map) => map.remove(&last).ok_or_else(|| missing(pointer)),
-        Value::Array(items) => {
-            let index = array_index(&last, items.len(), false, pointer)?;
-            Ok(items.remove(index))
-        }
-        _ => Err(missing(pointer)),
-    }
-}
-
-fn get<'a>(doc: &'a Value, pointer: &str) -> Result<&'a Value, Error> {
-    pointer_tokens(pointer)?;
-    doc.pointer(pointer).ok_or_else(|| missing(pointer))
-}
-
-/// RFC 6902: applies the operations in order; any failure leaves `doc` unusable (the caller
-/// works on a copy).
+/// RFC 6902: applies the operations in order; a failure leaves `doc` part-patched (the
+/// caller works on a copy). As in Kubernetes' JSON patch, a `test` of `null` passes on a
+/// missing member: kube's finalizer helper relies on it to add the first finalizer.
 pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), Error> {
     let Some(operations) = patch.as_array() else {
         return Err(Error::bad_request(
             "json patch must be a list of operations",
         ));
     };
-    for operation in operations {
-        let op = operation["op"].as_str().unwrap_or_default();
-        let Some(path) = operation["path"].as_str() else {
-            return Err(Error::bad_request(format!(
-                "json patch operation {operation} has no path"
-            )));
-        };
-        let from = || {
-            operation["from"].as_str().ok_or_else(|| {
-                Error::bad_request(format!("json patch operation {operation} has no from"))
-            })
-        };
-        let value = || {
-            operation.get("value").cloned().ok_or_else(|| {
-                Error::bad_request(format!("json patch operation {operation} has no value"))
-            })
-        };
-        match op {
-            "add" => add(doc, path, value()?)?,
-            "remove" => {
-                remove(doc, path)?;
-            }
-            "replace" => {
-                let new = value()?;
-                if path.is_empty() {
-                    *doc = new;
-                } else {
-                    remove(doc, path)?;
-                    add(doc, path, new)?;
-                }
-            }
-            "move" => {
-                let from = from()?;
-                let moved = remove(doc, from)?;
-                add(doc, path, moved)?;
-            }
-            "copy" => {
-                let copied = get(doc, from()?)?.clone();
-                add(doc, path, copied)?;
-            }
-            "test" => {
-                let expected = value()?;
-                // As in Kubernetes' JSON patch: a missing member tests equal to null
-                // (kube's finalizer helper relies on this to add the first finalizer).
-                let missing_is_null = expected.is_null() && get(doc, path).is_err();
-                if !missing_is_null && *get(doc, path)? != expected {
-                    return Err(Error::bad_request(format!(
-                        "json patch test operation failed: {path:?} is not {expected}"
-                    )));
-                }
-            }
-            other => {
-                return Err(Error::bad_request(format!(
-                    "json patch operation {other:?} is not supported"
-                )));
-            }
+    for (index, operation) in operations.iter().enumerate() {
+        let parsed = PatchOperation::deserialize(operation).map_err(|e| {
+            Error::bad_request(format!("json patch operation {index} ({operation}): {e}"))
+        })?;
+        if let PatchOperation::Test(test) = &parsed
+            && test.value.is_null()
+            && doc.pointer(test.path.as_str()).is_none()
+        {
+            continue;
         }
+        // One operation at a time, so that the test above sees the earlier ones' result.
+        json_patch::patch_unsafe(doc, std::slice::from_ref(&parsed))
+            .map_err(|e| patch_failure(index, &parsed, &e.kind))?;
     }
     Ok(())
+}
+
+/// What failed, in terms of the request: the operation's place in the list, its op, and
+/// the pointer at fault.
+fn patch_failure(index: usize, operation: &PatchOperation, kind: &PatchErrorKind) -> Error {
+    let (op, from) = match operation {
+        PatchOperation::Add(_) => ("add", None),
+        PatchOperation::Remove(_) => ("remove", None),
+        PatchOperation::Replace(_) => ("replace", None),
+        PatchOperation::Move(m) => ("move", Some(m.from.as_str())),
+        PatchOperation::Copy(c) => ("copy", Some(c.from.as_str())),
+        PatchOperation::Test(_) => ("test", None),
+    };
+    let path = operation.path().as_str();
+    let why = match (kind, operation) {
+        (PatchErrorKind::TestFailed, PatchOperation::Test(test)) => {
+            format!("the value at {path:?} is not {}", test.value)
+        }
+        (PatchErrorKind::InvalidFromPointer, _) => {
+            format!(
+                "the from path {:?} does not exist",
+                from.unwrap_or_default()
+            )
+        }
+        (PatchErrorKind::CannotMoveInsideItself, _) => format!(
+            "{:?} cannot move into itself ({path:?})",
+            from.unwrap_or_default()
+        ),
+        (PatchErrorKind::InvalidPointer, _) if path.is_empty() => {
+            "the root cannot be removed".to_string()
+        }
+        (PatchErrorKind::InvalidPointer, _) => {
+            format!("the path {path:?} does not exist or its index is out of bounds")
+        }
+        (other, _) => format!("{other} at {path:?}"),
+    };
+    Error::bad_request(format!("json patch operation {index} ({op}): {why}"))
 }
 
 /// A field path of server-side apply: the map keys from the root to a leaf (lists are leaves).
@@ -808,6 +700,15 @@ mod tests {
         let mut doc = json!({"a": 1});
         assert!(json_patch(&mut doc, &json!([{"op": "remove", "path": "/b"}])).is_err());
         assert!(json_patch(&mut doc, &json!([{"op": "test", "path": "/a", "value": 2}])).is_err());
+        // A test of null on a member that an earlier operation added compares the value.
+        assert!(
+            json_patch(
+                &mut doc.clone(),
+                &json!([{"op": "add", "path": "/n", "value": 1},
+                    {"op": "test", "path": "/n", "value": null}])
+            )
+            .is_err()
+        );
         // A missing member equals null, as the real server's JSON patch has it.
         json_patch(
             &mut doc,
@@ -823,6 +724,64 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    fn failure(patch: Value) -> String {
+        let mut doc = json!({"a": 1, "l": [1], "m": {"x": 1}});
+        match json_patch(&mut doc, &patch) {
+            Err(Error::BadRequest { message }) => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_patch_failures_say_which_operation_and_where() {
+        assert_eq!(
+            failure(json!([{"op": "add", "path": "/b", "value": 1},
+                {"op": "remove", "path": "/m/y"}])),
+            "json patch operation 1 (remove): the path \"/m/y\" does not exist \
+             or its index is out of bounds"
+        );
+        assert_eq!(
+            failure(json!([{"op": "add", "path": "/l/3", "value": 1}])),
+            "json patch operation 0 (add): the path \"/l/3\" does not exist \
+             or its index is out of bounds"
+        );
+        assert_eq!(
+            failure(json!([{"op": "test", "path": "/a", "value": 2}])),
+            "json patch operation 0 (test): the value at \"/a\" is not 2"
+        );
+        assert_eq!(
+            failure(json!([{"op": "copy", "from": "/z", "path": "/b"}])),
+            "json patch operation 0 (copy): the from path \"/z\" does not exist"
+        );
+        assert_eq!(
+            failure(json!([{"op": "move", "from": "/m", "path": "/m/x"}])),
+            "json patch operation 0 (move): \"/m\" cannot move into itself (\"/m/x\")"
+        );
+        assert_eq!(
+            failure(json!([{"op": "remove", "path": ""}])),
+            "json patch operation 0 (remove): the root cannot be removed"
+        );
+        assert_eq!(
+            failure(json!({"op": "remove", "path": "/a"})),
+            "json patch must be a list of operations"
+        );
+        for (malformed, says) in [
+            (
+                json!({"op": "frob", "path": "/a"}),
+                "unknown variant `frob`",
+            ),
+            (json!({"op": "add", "path": "/a"}), "missing field `value`"),
+            (json!({"op": "add", "path": "a", "value": 1}), "\"a\""),
+        ] {
+            let message = failure(json!([malformed]));
+            assert!(
+                message.starts_with(&format!("json patch operation 0 ({malformed}): "))
+                    && message.contains(says),
+                "{message}"
+            );
+        }
     }
 
     fn request<'a>(manager: &'a str, force: bool, schema: Option<&'a Value>) -> Apply<'a> {
