@@ -15,7 +15,7 @@ use multisite_core::api::Site;
 use multisite_core::api::{LinkStatus, ReplicaFamily};
 use multisite_core::domain::scheduler::TaskKind;
 use multisite_replica::api::ReplicaClient;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ pub struct Ctx {
     /// The last value of each family condition this process announced with an Event,
     /// so that a reconcile working from a cache that lags its own status write does
     /// not announce a transition twice.
-    announced: Mutex<HashMap<(FamilyKey, String), bool>>,
+    announced: Mutex<HashMap<FamilyKey, BTreeMap<String, bool>>>,
     /// The plan status this process last wrote for each family.
     plans: Mutex<HashMap<FamilyKey, multisite_core::api::PlanStatus>>,
 }
@@ -245,10 +245,20 @@ impl Ctx {
         locked(&self.topology_errors).get(key).cloned()
     }
 
-    /// Records `value` as the announced state of `condition`; returns the state announced
-    /// before (`None` the first time).
-    pub fn announce(&self, family: &FamilyKey, condition: &str, value: bool) -> Option<bool> {
-        locked(&self.announced).insert((family.clone(), condition.to_string()), value)
+    /// The state of each family condition this process last announced.
+    pub fn announced(&self, family: &FamilyKey) -> BTreeMap<String, bool> {
+        locked(&self.announced)
+            .get(family)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records the states of family conditions as announced.
+    pub fn record_announced(&self, family: &FamilyKey, states: BTreeMap<String, bool>) {
+        locked(&self.announced)
+            .entry(family.clone())
+            .or_default()
+            .extend(states);
     }
 
     pub fn remember_plan(&self, family: FamilyKey, plan: multisite_core::api::PlanStatus) {
