@@ -195,11 +195,16 @@ impl Ctx {
             .and_then(|r| r.status.as_ref()?.endpoint.clone())
     }
 
-    /// Records a family's link states; when they changed, the family is reconciled.
+    /// Records a family's link states; when what its conditions depend on changed, the
+    /// family is reconciled now. A task starting or ending with nothing else changed
+    /// (`running`, `lastTaskTime`) waits for the family's next look, so an idle family
+    /// is not written once per task.
     pub fn set_links(&self, key: FamilyKey, links: Vec<LinkStatus>) {
         let changed = {
             let mut all = locked(&self.links);
-            let changed = all.get(&key) != Some(&links);
+            let changed = all
+                .get(&key)
+                .is_none_or(|before| link_conditions(before) != link_conditions(&links));
             all.insert(key.clone(), links);
             changed
         };
@@ -427,6 +432,20 @@ impl Ctx {
         locked(&self.secrets).insert((key.0, name));
         Ok(client)
     }
+}
+
+/// What of each link the family's conditions depend on: the links without their
+/// task's progress (`running`, `lastTaskTime`).
+fn link_conditions(links: &[LinkStatus]) -> Vec<LinkStatus> {
+    links
+        .iter()
+        .cloned()
+        .map(|l| LinkStatus {
+            running: false,
+            last_task_time: None,
+            ..l
+        })
+        .collect()
 }
 
 /// Writes `status` with server-side apply under the operator's field manager.

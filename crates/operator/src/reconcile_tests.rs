@@ -354,7 +354,8 @@ async fn a_success_resets_the_back_off_of_a_site() {
 }
 
 /// The sync runner wakes the family controller only when what it reports of a family
-/// changed: its link states or its topology error; the same report again is silent.
+/// changed: its links' lag, held packets, errors, first task, or its topology error; the
+/// same report again, or a task's start and end alone, is silent.
 #[tokio::test]
 async fn link_and_topology_changes_trigger_the_family_and_repeats_do_not() {
     let api = ScriptedApi::start(|_| None).await;
@@ -380,6 +381,23 @@ async fn link_and_topology_changes_trigger_the_family_and_repeats_do_not() {
     ctx.set_links(key.clone(), vec![link(3)]);
     assert!(woken().is_empty());
     ctx.set_links(key.clone(), vec![link(0)]);
+    assert_eq!(woken(), ["tracker/sampl"]);
+    // A task running or just run, nothing else changed: the family's poll shows it.
+    let ran = multisite_core::api::LinkStatus {
+        running: true,
+        last_task_time: Some("2026-12-07T23:54:19Z".into()),
+        ..link(0)
+    };
+    ctx.set_links(key.clone(), vec![ran.clone()]);
+    assert!(woken().is_empty());
+    assert_eq!(ctx.links_of(&key), [ran], "the latest states are kept");
+    ctx.set_links(
+        key.clone(),
+        vec![multisite_core::api::LinkStatus {
+            error: Some("refused".into()),
+            ..link(0)
+        }],
+    );
     assert_eq!(woken(), ["tracker/sampl"]);
     ctx.set_topology_error(key.clone(), Some("no hub".into()));
     ctx.set_topology_error(key.clone(), Some("no hub".into()));
