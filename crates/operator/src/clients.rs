@@ -4,7 +4,7 @@
 
 use super::OperatorError;
 use super::builders;
-use super::context::{Ctx, apply_changed};
+use super::context::Ctx;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
@@ -47,10 +47,10 @@ pub async fn roll_out(
         .as_ref()
         .and_then(|d| d.labels().get("multisite.dev/release").cloned());
     let deployment = builders::client_deployment(family, spec, release, &replica, &ctx.image);
-    apply_changed(ctx, &namespace, deployment, before.as_deref()).await?;
+    ctx.apply_changed(deployment, before.clone()).await?;
     let service = builders::client_service(family, tier);
-    let cached = Ctx::cached(&ctx.services, &namespace, &name);
-    apply_changed(ctx, &namespace, service, cached.as_deref()).await?;
+    ctx.apply_changed(service, Ctx::cached(&ctx.services, &namespace, &name))
+        .await?;
     if old_release.as_deref() != Some(release) {
         ctx.event(
             family,

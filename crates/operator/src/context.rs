@@ -25,6 +25,9 @@ pub const FIELD_MANAGER: &str = "multisite-operator";
 /// A family by namespace and name.
 pub type FamilyKey = (String, String);
 
+/// An object by kind, namespace and name.
+type AppliedKey = (String, String, String);
+
 /// A manual task asked for through the family's annotation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManualRequest {
@@ -115,6 +118,9 @@ pub struct Ctx {
     /// so that a reconcile working from a cache that lags its own status write does
     /// not announce a transition twice.
     announced: Mutex<HashMap<FamilyKey, BTreeMap<String, bool>>>,
+    /// The version each object had right after this process applied it (see
+    /// [`Ctx::as_applied`]).
+    applied: Mutex<HashMap<AppliedKey, String>>,
     /// The plan status this process last wrote for each family.
     plans: Mutex<HashMap<FamilyKey, multisite_core::api::PlanStatus>>,
 }
@@ -155,6 +161,7 @@ impl Ctx {
             secrets: Mutex::default(),
             announced: Mutex::default(),
             plans: Mutex::default(),
+            applied: Mutex::default(),
         }
     }
 
@@ -292,6 +299,77 @@ impl Ctx {
             what.note.clone(),
         )
         .await
+    }
+
+    /// Applies `object` with server-side apply under the operator's field manager, and
+    /// remembers the version the API server gave it.
+    pub async fn apply<K>(&self, object: &K) -> Result<(), OperatorError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let meta = object.meta();
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let name = meta.name.clone().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &namespace);
+        let applied = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(object),
+            )
+            .await?;
+        let key = (K::kind(&()).to_string(), namespace, name);
+        match version_of(&applied) {
+            Some(version) => locked(&self.applied).insert(key, version),
+            None => locked(&self.applied).remove(&key),
+        };
+        Ok(())
+    }
+
+    /// `cached` if it is still as this process last applied it: at the version the API
+    /// server gave it then. An object changed since by someone else (its generation,
+    /// or for objects without one its resourceVersion, moved on), or one this process
+    /// has not applied since it started, counts as not as built, so the next decision
+    /// applies it again and takes back what was changed.
+    pub fn as_applied<K>(&self, cached: Option<Arc<K>>) -> Option<Arc<K>>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let cached = cached?;
+        let meta = cached.meta();
+        let key = (
+            K::kind(&()).to_string(),
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        let version = version_of(cached.as_ref())?;
+        (locked(&self.applied).get(&key) == Some(&version)).then_some(cached)
+    }
+
+    /// Applies `object` (stamped with its digest) unless `cached`, the cache's copy, is
+    /// as this process last applied it and carries the same digest: then an apply
+    /// would change nothing and none is made.
+    pub async fn apply_changed<K>(
+        &self,
+        object: K,
+        cached: Option<Arc<K>>,
+    ) -> Result<(), OperatorError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let object = builders::stamped(object);
+        if builders::unchanged(&object, self.as_applied(cached).as_deref()) {
+            return Ok(());
+        }
+        self.apply(&object).await
     }
 
     /// The cached object `name` of `store` in `namespace`.
@@ -479,39 +557,11 @@ where
     Ok(())
 }
 
-/// Applies an object built by [`builders`] with server-side apply.
-pub async fn apply_object<K>(api: &Api<K>, object: &K) -> Result<(), OperatorError>
-where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = object.meta().name.as_deref().unwrap_or_default();
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Applies `object` (stamped with its digest) unless `cached`, the cache's copy, already
-/// carries the same digest: then an apply would change nothing and none is made.
-pub async fn apply_changed<K>(
-    ctx: &Ctx,
-    namespace: &str,
-    object: K,
-    cached: Option<&K>,
-) -> Result<(), OperatorError>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let object = builders::stamped(object);
-    if builders::unchanged(&object, cached) {
-        return Ok(());
-    }
-    apply_object(&Api::namespaced(ctx.client.clone(), namespace), &object).await
+/// An object's version for [`Ctx::as_applied`]: its generation, which moves only when
+/// its spec changes, else its resourceVersion.
+fn version_of<K: Resource>(object: &K) -> Option<String> {
+    let meta = object.meta();
+    meta.generation
+        .map(|g| g.to_string())
+        .or_else(|| meta.resource_version.clone())
 }

@@ -7,7 +7,7 @@
 
 use super::OperatorError;
 use super::builders;
-use super::context::{Ctx, apply_changed};
+use super::context::Ctx;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -291,16 +291,11 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
     })
     .await?;
     let deployment = builders::gateway_deployment(family, &spec.replica, endpoint, &ctx.image);
-    let cached = Ctx::cached(&ctx.deployments, &namespace, &name);
-    apply_changed(ctx, &namespace, deployment, cached.as_deref()).await?;
-    let cached = Ctx::cached(&ctx.services, &namespace, &name);
-    apply_changed(
-        ctx,
-        &namespace,
-        builders::gateway_service(family),
-        cached.as_deref(),
-    )
-    .await?;
+    ctx.apply_changed(deployment, Ctx::cached(&ctx.deployments, &namespace, &name))
+        .await?;
+    let service = builders::gateway_service(family);
+    ctx.apply_changed(service, Ctx::cached(&ctx.services, &namespace, &name))
+        .await?;
     // The gateway's own report, from its pod.
     let ip = ctx
         .pods

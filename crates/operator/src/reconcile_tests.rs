@@ -7,7 +7,8 @@ use super::context::{Ctx, Stores};
 use super::{builders, metrics, replicas};
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode, Uri};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
@@ -487,20 +488,52 @@ fn status_report(replica: &str) -> Value {
     })
 }
 
-/// The caches of a scope where `replica`'s workload is as the operator builds it and
-/// its pod serves at `stub`.
-fn settled_stores(replica: &Replica, stub: &ReplicaStub) -> Stores {
+/// `replica`'s StatefulSet and Service as the operator builds them, as the API server
+/// keeps them (generation 1).
+fn workload(replica: &Replica) -> (StatefulSet, Service) {
     let image = builders::Image {
         reference: "multisite:test".into(),
         pull_policy: "Never".into(),
     };
+    let mut statefulset = builders::stamped(builders::statefulset(replica, &site(), &image));
+    statefulset.metadata.generation = Some(1);
+    let mut service = builders::stamped(builders::service(replica));
+    service.metadata.resource_version = Some("5".into());
+    (statefulset, service)
+}
+
+/// The API's store: the Replica, the family Secret, and the Replica's workload.
+fn stored_settled(replica: &Replica) -> impl Fn(&str) -> Option<Value> + Send + Sync + 'static {
+    let base = stored_with_secret(replica);
+    let name = replica.metadata.name.clone().unwrap_or_default();
+    let (statefulset, service) = workload(replica);
+    let paths = [
+        (
+            format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"),
+            serde_json::to_value(statefulset).unwrap(),
+        ),
+        (
+            format!("/api/v1/namespaces/{NS}/services/{name}"),
+            serde_json::to_value(service).unwrap(),
+        ),
+    ];
+    move |p: &str| {
+        base(p).or_else(|| {
+            paths
+                .iter()
+                .find(|(path, _)| path == p)
+                .map(|(_, o)| o.clone())
+        })
+    }
+}
+
+/// The caches of a scope where `replica`'s workload is as the operator builds it and
+/// its pod serves at `stub`.
+fn settled_stores(replica: &Replica, stub: &ReplicaStub) -> Stores {
+    let (statefulset, service) = workload(replica);
     Stores {
-        statefulsets: store_of(vec![builders::stamped(builders::statefulset(
-            replica,
-            &site(),
-            &image,
-        ))]),
-        services: store_of(vec![builders::stamped(builders::service(replica))]),
+        statefulsets: store_of(vec![statefulset]),
+        services: store_of(vec![service]),
         pods: store_of(vec![
             stub.pod(&replica.metadata.name.clone().unwrap_or_default()),
         ]),
@@ -508,8 +541,10 @@ fn settled_stores(replica: &Replica, stub: &ReplicaStub) -> Stores {
     }
 }
 
-/// A serving replica: its own report goes into its status, and once the status holds
-/// it, the poll costs one call to the replica and no request to Kubernetes.
+/// A serving replica: its own report goes into its status, its workload is applied
+/// once by a process that has not applied it yet, and once the status holds the report
+/// the poll costs one call to the replica and no request to Kubernetes. A StatefulSet
+/// changed by someone else (its generation moved on) is applied again, alone.
 #[tokio::test]
 async fn a_settled_replica_costs_its_poll_no_kubernetes_request() {
     let stub = ReplicaStub::start(|_, path| {
@@ -521,32 +556,54 @@ async fn a_settled_replica_costs_its_poll_no_kubernetes_request() {
     })
     .await;
     let mut r = replica(true);
-    let api = ScriptedApi::start(stored_with_secret(&r)).await;
-    let ctx = context_with(&api, settled_stores(&r, &stub));
+    let api = ScriptedApi::start(stored_settled(&r)).await;
+    // The StatefulSet cache with its writer kept, as the watch keeps it.
+    let (statefulsets, mut watch) = reflector::store();
+    let (cached, _) = workload(&r);
+    watch.apply_watcher_event(&watcher::Event::Apply(cached.clone()));
+    let ctx = context_with(
+        &api,
+        Stores {
+            statefulsets,
+            ..settled_stores(&r, &stub)
+        },
+    );
     replicas::reconcile(Arc::new(r.clone()), ctx.clone())
         .await
         .expect("a reconcile");
+    let statefulset = format!("PATCH /apis/apps/v1/namespaces/{NS}/statefulsets/sampl-tokyo");
     assert_eq!(
         api.lines(),
         [
             format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            statefulset.clone(),
+            format!("PATCH /api/v1/namespaces/{NS}/services/sampl-tokyo"),
             format!("PATCH {REPLICAS}/sampl-tokyo/status"),
             format!("POST {EVENTS}"),
         ]
     );
     assert_eq!(stub.lines(), ["GET /v1/status"]);
-    let written = api.requests()[1].body["status"].clone();
+    let written = api.requests()[3].body["status"].clone();
     assert_eq!(written["phase"], json!("Active"));
     assert_eq!(written["epochs"], json!({"sampl-tokyo": 4}));
-    assert_eq!(api.requests()[2].body["reason"], json!("Active"));
+    assert_eq!(api.requests()[4].body["reason"], json!("Active"));
 
     // The next poll, with the status written: the replica is asked, Kubernetes is not.
     r.status = Some(serde_json::from_value(written).unwrap());
+    replicas::reconcile(Arc::new(r.clone()), ctx.clone())
+        .await
+        .expect("a reconcile");
+    assert_eq!(api.lines().len(), 5, "{:?}", api.lines());
+    assert_eq!(stub.lines(), ["GET /v1/status", "GET /v1/status"]);
+
+    // Someone edits the StatefulSet: its generation moves on, the digest stays.
+    let mut edited = cached;
+    edited.metadata.generation = Some(2);
+    watch.apply_watcher_event(&watcher::Event::Apply(edited));
     replicas::reconcile(Arc::new(r), ctx)
         .await
         .expect("a reconcile");
-    assert_eq!(api.lines().len(), 3, "{:?}", api.lines());
-    assert_eq!(stub.lines(), ["GET /v1/status", "GET /v1/status"]);
+    assert_eq!(api.lines()[5..], [statefulset]);
 }
 
 /// A pod waiting for its bootstrap is told to start the family; the bootstrap is
@@ -582,7 +639,7 @@ async fn a_waiting_pod_is_bootstrapped_and_announced_once() {
         })
         .await;
         let r = replica(true);
-        let api = ScriptedApi::start(stored_with_secret(&r)).await;
+        let api = ScriptedApi::start(stored_settled(&r)).await;
         let ctx = context_with(&api, settled_stores(&r, &stub));
         replicas::reconcile(Arc::new(r), ctx)
             .await
@@ -591,7 +648,12 @@ async fn a_waiting_pod_is_bootstrapped_and_announced_once() {
         let request = &stub.requests()[1].body;
         assert_eq!(request["replica"], json!("sampl-tokyo"));
         assert_eq!(request["init"]["id_prefix"], json!("SAMPL"));
-        let mut expected = vec![format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret")];
+        // A process that has not applied the workload yet applies it once.
+        let mut expected = vec![
+            format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            format!("PATCH /apis/apps/v1/namespaces/{NS}/statefulsets/sampl-tokyo"),
+            format!("PATCH /api/v1/namespaces/{NS}/services/sampl-tokyo"),
+        ];
         if announced {
             expected.push(format!("POST {EVENTS}"));
         }
@@ -632,7 +694,7 @@ async fn removal_moves_mastership_to_the_heir_and_keeps_the_finalizer() {
         incarnation: Some(1),
         ..Default::default()
     });
-    let api = ScriptedApi::start(stored_with_secret(&r)).await;
+    let api = ScriptedApi::start(stored_settled(&r)).await;
     let ctx = context_with(
         &api,
         Stores {

@@ -5,7 +5,7 @@
 use super::decide::{Observed, Placement, Removal, RemovalStep};
 use crate::OperatorError;
 use crate::builders;
-use crate::context::{Ctx, apply_object, apply_status};
+use crate::context::{Ctx, apply_status};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use kube::ResourceExt;
@@ -37,12 +37,10 @@ pub(super) async fn placement(
         ctx.ensure_secret(family).await?;
     }
     if let Some(statefulset) = &placement.statefulset {
-        let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        apply_object(&api, statefulset).await?;
+        ctx.apply(statefulset).await?;
     }
     if let Some(service) = &placement.service {
-        let api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-        apply_object(&api, service).await?;
+        ctx.apply(service).await?;
     }
     if let Some(bootstrap) = &placement.bootstrap {
         let client = ctx.replica_client(&namespace, &replica.spec.family).await?;

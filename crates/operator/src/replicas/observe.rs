@@ -68,8 +68,9 @@ pub(super) async fn observe(ctx: &Ctx, replica: &Replica) -> Result<Seen, Operat
     };
     Ok(Seen {
         members: ctx.members(&namespace, &replica.spec.family),
-        statefulset: Ctx::cached(&ctx.statefulsets, &namespace, &name),
-        service: Ctx::cached(&ctx.services, &namespace, &name),
+        // Only as this process last applied them: anything else is applied again.
+        statefulset: ctx.as_applied(Ctx::cached(&ctx.statefulsets, &namespace, &name)),
+        service: ctx.as_applied(Ctx::cached(&ctx.services, &namespace, &name)),
         family,
         site,
         pod,
