@@ -100,10 +100,13 @@ pub struct Ctx {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pods: Store<Pod>,
-    /// The sync runner's view of each family's links, for the family's status.
-    pub links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
+    /// The link index: the sync runner's view of each family's links, written only by
+    /// the sync runner (`set_links`, `set_topology_error`, which wake the family when its
+    /// conditions may change) and read by the family controller, the one writer of the
+    /// family's status.
+    links: Mutex<HashMap<FamilyKey, Vec<LinkStatus>>>,
     /// Why a family has no links although it should, from the sync runner.
-    pub topology_errors: Mutex<HashMap<FamilyKey, String>>,
+    topology_errors: Mutex<HashMap<FamilyKey, String>>,
     /// Manual tasks waiting for the sync runner.
     pub manual: Mutex<Vec<ManualRequest>>,
     /// The error policy's back-off of each object whose last reconcile failed.
