@@ -814,3 +814,109 @@ async fn a_settled_family_writes_its_status_once_then_makes_no_request() {
         .expect("a reconcile");
     assert_eq!(api.lines().len(), 2, "{:?}", api.lines());
 }
+
+/// A schema package: applied once at the replica that masters the schema repository
+/// (announced), then each replica's user database upgraded once the new schema version
+/// has reached it (announced), and the package's status says where each replica is.
+#[tokio::test]
+async fn a_schema_package_is_applied_at_the_master_then_each_user_database_upgraded() {
+    use multisite_core::api::{SchemaPackage, SchemaPackageSpec};
+    // The replica's schema versions: (schema, user database); the package makes 2.
+    let versions = Arc::new(Mutex::new((1u64, 1u64)));
+    let at_replica = versions.clone();
+    let stub = ReplicaStub::start(move |method, path| {
+        let mut versions = at_replica.lock().unwrap();
+        match (method.as_str(), path) {
+            ("GET", "/v1/status") => {
+                let mut report = status_report("sampl-tokyo");
+                report["schemaVersion"] = json!(versions.0);
+                report["userDatabaseSchemaVersion"] = json!(versions.1);
+                (StatusCode::OK, report)
+            }
+            ("POST", "/v1/schema-packages") => {
+                versions.0 = 2;
+                (
+                    StatusCode::OK,
+                    json!({"version": 2, "package": "Interop 1.0", "recordTypes": []}),
+                )
+            }
+            ("POST", "/v1/upgrade") => {
+                versions.1 = 2;
+                (StatusCode::OK, status_report("sampl-tokyo"))
+            }
+            _ => not_found(path),
+        }
+    })
+    .await;
+    let mut r = replica(true);
+    r.status = Some(multisite_core::api::ReplicaStatus {
+        phase: Some(multisite_core::api::ReplicaPhase::Active),
+        endpoint: Some(format!("http://{}:{}", stub.ip, builders::API_PORT)),
+        ..Default::default()
+    });
+    let mut package: SchemaPackage = SchemaPackage::new(
+        "interop",
+        serde_json::from_value::<SchemaPackageSpec>(json!({
+            "family": "sampl", "package": "Interop", "version": "1.0",
+            "recordTypes": [{"name": "ChangeEvent", "fields": [{"name": "record", "type": "String"}]}]
+        }))
+        .unwrap(),
+    );
+    package.metadata.namespace = Some(NS.into());
+    package.metadata.generation = Some(1);
+    let package_path =
+        format!("/apis/multisite.dev/v1alpha1/namespaces/{NS}/schemapackages/interop");
+    let package_object = serde_json::to_value(&package).unwrap();
+    let secret = stored_with_secret(&r);
+    let api = ScriptedApi::start(move |p| {
+        secret(p).or_else(|| (p == package_path).then(|| package_object.clone()))
+    })
+    .await;
+    let ctx = context(&api, vec![r], vec![family()], vec![site()]);
+    let status_write =
+        format!("PATCH /apis/multisite.dev/v1alpha1/namespaces/{NS}/schemapackages/interop/status");
+
+    super::others::reconcile_package(Arc::new(package.clone()), ctx.clone())
+        .await
+        .expect("a reconcile");
+    assert_eq!(stub.lines(), ["GET /v1/status", "POST /v1/schema-packages"]);
+    assert_eq!(stub.requests()[1].body["package"], json!("Interop"));
+    assert_eq!(
+        api.lines(),
+        [
+            format!("GET /api/v1/namespaces/{NS}/secrets/sampl-secret"),
+            format!("POST {EVENTS}"),
+            status_write.clone(),
+        ]
+    );
+    assert_eq!(api.requests()[1].body["reason"], json!("Applied"));
+    let written = api.requests()[2].body["status"].clone();
+    assert_eq!(written["schemaVersion"], json!(2));
+    assert_eq!(written["replicas"][0]["applied"], json!(false));
+
+    // Next look: the version has arrived; the user database is upgraded to it.
+    package.status = Some(serde_json::from_value(written).unwrap());
+    super::others::reconcile_package(Arc::new(package), ctx)
+        .await
+        .expect("a reconcile");
+    assert_eq!(
+        stub.lines()[2..],
+        ["GET /v1/status", "POST /v1/upgrade"],
+        "not applied twice"
+    );
+    assert_eq!(
+        stub.requests()[3].body["userDatabaseSchema"],
+        json!(2),
+        "{:?}",
+        stub.requests()[3].body
+    );
+    assert_eq!(api.lines()[3..], [format!("POST {EVENTS}"), status_write]);
+    assert_eq!(
+        api.requests()[3].body["reason"],
+        json!("UserDatabaseUpgraded")
+    );
+    let status = &api.requests()[4].body["status"];
+    assert_eq!(status["replicas"][0]["applied"], json!(true));
+    assert_eq!(status["replicas"][0]["userDatabaseUpgraded"], json!(true));
+    assert_eq!(*versions.lock().unwrap(), (2, 2));
+}
