@@ -11,15 +11,26 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The flags of `multisite bench` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    /// Scratch directory (the benchmark's own files there are replaced and removed).
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
     pub dir: PathBuf,
     /// Changes in the import throughput run.
+    #[arg(long, default_value_t = 100_000)]
     pub import_changes: u64,
-    /// Records in the small and the large database of the incremental sync run.
+    /// Records in the small database.
+    #[arg(long, default_value_t = 1_000)]
     pub small_records: u64,
+    /// Records in the large database.
+    #[arg(long, default_value_t = 1_000_000)]
     pub large_records: u64,
     /// Changes per incremental sync.
+    #[arg(long, default_value_t = 100)]
     pub incremental: u64,
+    /// Incremental syncs measured (the median is printed).
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 
@@ -240,7 +251,14 @@ fn import_run(
     ))
 }
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<String> {
+/// `multisite bench`: measures, then prints the figures.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    print!("{}", figures(args)?);
+    Ok(())
+}
+
+/// The figures of one benchmark run, as printed.
+pub fn figures(args: &BenchArgs) -> anyhow::Result<String> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let secret = FamilySecret::from_bytes(b"bench secret bench secret bench!")?;

@@ -156,7 +156,10 @@ async fn run(w: &Shared, source: BootstrapSource) -> anyhow::Result<String> {
                 id_prefix,
                 feature_level,
                 schema: None,
-                secret_file: Some(w.secret_file.clone()),
+                access: crate::cmd::items::Access {
+                    secret_file: Some(w.secret_file.clone()),
+                    release: None,
+                },
             };
             let compat = w.compat.clone();
             tokio::task::spawn_blocking(move || init(args, &compat)).await?

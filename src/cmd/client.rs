@@ -5,16 +5,31 @@ use crate::replica::api::ReplicaClient;
 use anyhow::Context;
 use std::sync::Arc;
 
+/// The flags of `multisite client` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct ClientArgs {
-    pub family: String,
-    pub tier: String,
-    pub release: String,
+    /// URL of the replica this tier uses.
+    #[arg(long, value_name = "URL")]
     pub replica: String,
+    /// The client release this tier runs (e.g. 8.0.1.1).
+    #[arg(long, value_name = "RELEASE")]
+    pub release: String,
+    /// The family's name (shown on the page).
+    #[arg(long, value_name = "F")]
+    pub family: String,
+    /// The tier's name (shown on the page).
+    #[arg(long, value_name = "T")]
+    pub tier: String,
+    /// Address to serve on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// File holding the family's shared secret.
+    #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
     pub secret_file: Option<std::path::PathBuf>,
 }
 
-pub async fn serve(args: ClientArgs) -> anyhow::Result<()> {
+/// `multisite client`: serves until SIGINT or SIGTERM.
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let compat = crate::domain::compat::Compatibility::builtin();
     compat
         .release_row(&args.release)

@@ -1,7 +1,28 @@
 //! `multisite crd`: prints or writes the CRDs.
 
 use crate::api;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The flags of `multisite crd` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
+pub struct CrdArgs {
+    /// Write one file per CRD into this directory instead of printing a YAML stream.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// `multisite crd`: prints the CRDs, or writes them and prints the files written.
+pub fn run(args: &CrdArgs) -> Result<(), CrdError> {
+    match &args.out_dir {
+        Some(dir) => {
+            for path in write_dir(dir)? {
+                println!("wrote {path}");
+            }
+        }
+        None => print!("{}", stream()?),
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrdError {

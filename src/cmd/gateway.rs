@@ -5,16 +5,64 @@ use crate::replica::api::ReplicaClient;
 use anyhow::Context;
 use std::path::PathBuf;
 
+#[derive(clap::Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Run a family's gateway: send the change events at its replica to an outside
+    /// system (HTTP POST of JSON, oldest first, each deleted once delivered, retried with
+    /// back-off) and apply the outside system's updates (POST /v1/updates with the
+    /// gateway token) to its replica. Only one gateway acts per replica (a lease there).
+    Serve(GatewayArgs),
+    /// Move the mastership of the records the gateway could not update (mastered at
+    /// other replicas) to the gateway's replica, so that the outside system's next
+    /// updates apply. Sets the family's annotation multisite.dev/remaster; the operator
+    /// carries it out and removes it.
+    Remaster {
+        /// The ReplicaFamily's name.
+        family: String,
+        /// Namespace (default: the kubeconfig's).
+        #[arg(short = 'n', long, value_name = "NS")]
+        namespace: Option<String>,
+    },
+}
+
+/// The flags of `multisite gateway serve` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct GatewayArgs {
+    /// URL of the replica the gateway is pinned to.
+    #[arg(long, value_name = "URL")]
     pub replica: String,
+    /// That replica's name (the master of the change events it delivers).
+    #[arg(long, value_name = "NAME")]
     pub replica_name: String,
+    /// Where change events go (http://).
+    #[arg(long, value_name = "URL")]
     pub endpoint: String,
+    /// Address of the gateway's own API.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// File holding the family's shared secret.
+    #[arg(long, value_name = "FILE", env = "MULTISITE_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+    /// File holding the token the outside system presents on updates.
+    #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
+    /// This process's name in the replica's gateway lease (in a pod: its name).
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
     pub identity: Option<String>,
 }
 
+/// `multisite gateway serve|remaster`.
+pub async fn run(command: GatewayCommand) -> anyhow::Result<()> {
+    match command {
+        GatewayCommand::Serve(args) => serve(args).await,
+        GatewayCommand::Remaster { family, namespace } => {
+            print!("{}", remaster(namespace, &family).await?);
+            Ok(())
+        }
+    }
+}
+
+/// `multisite gateway serve`: runs until SIGINT or SIGTERM.
 pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     if !args.endpoint.starts_with("http://") {
         anyhow::bail!(

@@ -10,16 +10,62 @@ use serde_json::json;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-/// The operator's flags, as `main` parsed them.
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The flags of `multisite operator` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct OperatorArgs {
+    /// Only act while holding a coordination.k8s.io Lease, so that of several
+    /// operator processes exactly one acts.
+    #[arg(long)]
     pub leader_election: bool,
+    /// Namespace of the Lease (in a pod: its own namespace).
+    #[arg(long, value_name = "NS", env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, value_name = "NAME", default_value = "multisite-operator")]
     pub lease_name: String,
+    /// This process's identity in the Lease and in Events (in a pod: its name).
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:8080); none by default.
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// Watch only these namespaces (comma-separated); default: all.
+    #[arg(long, value_name = "NS,...", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Image of the replica pods the operator creates (default: this release's image).
+    #[arg(long, value_name = "IMAGE", env = "MULTISITE_IMAGE")]
     pub image: Option<String>,
+    /// Pull policy of those pods.
+    #[arg(
+        long,
+        value_name = "POLICY",
+        env = "MULTISITE_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
     pub image_pull_policy: String,
+}
+
+/// The flags of `multisite status` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The ReplicaFamily's name.
+    pub family: String,
+    /// Namespace (default: the kubeconfig's).
+    #[arg(short = 'n', long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: crate::cmd::replica::Output,
 }
 
 /// A client from `KUBECONFIG`, `~/.kube/config` or the pod's service account,
@@ -205,8 +251,18 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `multisite status FAMILY`: the family and its replicas from the cluster.
-pub async fn status(
+/// `multisite status FAMILY`: prints the family and its replicas from the cluster.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let json_output = args.output == crate::cmd::replica::Output::Json;
+    print!(
+        "{}",
+        fetch_status(args.namespace, &args.family, json_output).await?
+    );
+    Ok(())
+}
+
+/// The family and its replicas from the cluster, rendered.
+async fn fetch_status(
     namespace: Option<String>,
     family: &str,
     json_output: bool,

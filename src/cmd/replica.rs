@@ -1,6 +1,7 @@
 //! The replica commands: `replica init|clone|serve|upgrade|status`, `records`,
-//! `mastership`, `sync`, `digest`.
+//! `mastership`, `sync`, `digest`, `schema apply`.
 
+use crate::cmd::items::{Access, connect};
 use crate::domain::compat::Compatibility;
 use crate::packet::change::{FieldDef, RecordTypeDef};
 use crate::replica::api::{
@@ -22,6 +23,274 @@ use std::path::{Path, PathBuf};
 pub enum Output {
     Table,
     Json,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ReplicaCommand {
+    /// Create the first replica of a family in a data directory.
+    Init(InitArgs),
+    /// Create a new replica from a live one; the source stays usable during the copy,
+    /// and the new replica catches up through packets.
+    Clone {
+        /// URL of the live source replica.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// Data directory of the new replica.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Name of the new replica.
+        #[arg(long, value_name = "R")]
+        replica: String,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Serve a replica's HTTP API until SIGINT or SIGTERM.
+    Serve {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Address to listen on, e.g. 127.0.0.2:7400 (port 0 picks a free port; the
+        /// first line printed says which).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400")]
+        listen: String,
+        /// Sync every commit to disk (survives power loss, slower); the default survives a killed process.
+        #[arg(long)]
+        sync_full: bool,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+        /// Seconds an acknowledged change stays in the change log (default 7 days), so
+        /// that a replica restored from a backup that recent gets back what it lost.
+        #[arg(long, value_name = "SECONDS")]
+        log_retention: Option<u64>,
+        /// When the data directory holds no replica yet, wait for `POST /v1/bootstrap`
+        /// (from the operator) instead of failing: it creates the family's first replica
+        /// or clones a live one. Needs --family and --replica (the pod's own identity,
+        /// checked against the request) and --secret-file.
+        #[arg(long, requires_all = ["family", "replica"])]
+        await_bootstrap: bool,
+        /// The family this replica belongs to (with --await-bootstrap).
+        #[arg(long, value_name = "F")]
+        family: Option<String>,
+        /// This replica's name (with --await-bootstrap).
+        #[arg(long, value_name = "R")]
+        replica: Option<String>,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Raise a replica's feature levels in place: first the schema repository, then
+    /// the user database. Lowering and invalid pairs are refused.
+    #[command(group(clap::ArgGroup::new("level").required(true).args(["schema_repository", "user_database", "user_database_schema"])))]
+    Upgrade {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// Raise the schema repository to this feature level.
+        #[arg(long, value_name = "N")]
+        schema_repository: Option<i32>,
+        /// Raise the user database to this feature level.
+        #[arg(long, value_name = "N")]
+        user_database: Option<i32>,
+        /// Upgrade the user database to this schema version (after a schema package arrived).
+        #[arg(long, value_name = "V")]
+        user_database_schema: Option<u64>,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Declare a replica gone for good (its data is lost and it cannot be removed
+    /// the normal way). Its items can then be taken over with `mastership move --force`.
+    Forget {
+        /// URL of a surviving replica.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// Name of the replica that is gone.
+        #[arg(value_name = "NAME")]
+        gone: String,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Write a consistent copy of a live replica's database to a file.
+    Backup {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        #[arg(long = "out", value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Put a backup in place of a stopped replica's database. The replica comes back
+    /// as a new incarnation: packets made for the old one are refused, and it makes
+    /// no changes until every peer has pushed to it what the backup lacks.
+    Restore {
+        /// The replica's data directory (its server must be stopped).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// The backup file.
+        #[arg(long = "from", value_name = "FILE")]
+        from: PathBuf,
+    },
+    /// Start removing a replica from its family: everything it masters moves to
+    /// another replica and it makes no more changes. Then push from it to every
+    /// other replica; `replica status` says when its data can be deleted.
+    Remove {
+        /// URL of the replica to remove.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The active replica that takes over its mastership.
+        #[arg(long, value_name = "R")]
+        to: String,
+        #[command(flatten)]
+        access: Access,
+    },
+    /// Show a replica's feature levels, packet versions, epochs and held packets.
+    Status {
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        access: Access,
+    },
+}
+
+/// `multisite replica ...`: runs one replica command and prints its result.
+pub async fn run(command: ReplicaCommand) -> anyhow::Result<()> {
+    match command {
+        ReplicaCommand::Init(args) => {
+            print!("{}", init(args, &Compatibility::builtin())?);
+        }
+        ReplicaCommand::Clone {
+            from,
+            data,
+            replica,
+            access,
+        } => {
+            let secret = load_secret(access.secret_file.as_deref())?;
+            print!("{}", clone(&from, &data, &replica, &secret).await?);
+        }
+        ReplicaCommand::Serve {
+            data,
+            listen,
+            sync_full,
+            log_json: _,
+            log_retention,
+            await_bootstrap,
+            family,
+            replica,
+            access,
+        } => {
+            let secret = load_secret(access.secret_file.as_deref())?;
+            let bootstrap = match (await_bootstrap, family, replica, access.secret_file) {
+                (true, Some(family), Some(replica), Some(secret_file)) => Some(AwaitBootstrap {
+                    expected: crate::cmd::bootstrap::Expected { family, replica },
+                    secret_file,
+                }),
+                _ => None,
+            };
+            serve(
+                &data,
+                &listen,
+                sync_full,
+                log_retention,
+                secret,
+                Compatibility::builtin(),
+                bootstrap,
+            )
+            .await?;
+        }
+        ReplicaCommand::Upgrade {
+            replica,
+            schema_repository,
+            user_database,
+            user_database_schema,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            let target = match (schema_repository, user_database, user_database_schema) {
+                (Some(n), None, None) => UpgradeTarget::SchemaRepository(n),
+                (None, Some(n), None) => UpgradeTarget::UserDatabase(n),
+                (None, None, Some(v)) => UpgradeTarget::UserDatabaseSchema(v),
+                _ => bail!(
+                    "give exactly one of --schema-repository, --user-database, --user-database-schema"
+                ),
+            };
+            print!("{}", upgrade(&client, &replica, target).await?);
+        }
+        ReplicaCommand::Forget {
+            replica,
+            gone,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!("{}", forget(&client, &replica, &gone).await?);
+        }
+        ReplicaCommand::Backup {
+            replica,
+            out,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!("{}", backup(&client, &replica, &out).await?);
+        }
+        ReplicaCommand::Restore { data, from } => {
+            print!("{}", restore(&data, &from)?);
+        }
+        ReplicaCommand::Remove {
+            replica,
+            to,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!("{}", remove(&client, &replica, &to).await?);
+        }
+        ReplicaCommand::Status {
+            replica,
+            output,
+            access,
+        } => {
+            let (client, _) = connect(&access)?;
+            print!("{}", status(&client, &replica, output).await?);
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SchemaCommand {
+    /// Apply a schema package (a SchemaPackage manifest) at the replica that
+    /// masters the schema repository. The new schema version travels to the other
+    /// replicas in packets; upgrade each replica's user database to it with
+    /// `replica upgrade --user-database-schema N`.
+    Apply {
+        /// URL of the replica that masters the schema repository.
+        #[arg(long, value_name = "URL")]
+        replica: String,
+        /// The SchemaPackage manifest.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        access: Access,
+    },
+}
+
+/// `multisite schema apply`.
+pub async fn schema(command: SchemaCommand) -> anyhow::Result<()> {
+    let SchemaCommand::Apply {
+        replica,
+        file,
+        access,
+    } = command;
+    let (client, _) = connect(&access)?;
+    print!("{}", apply_package(&client, &replica, &file).await?);
+    Ok(())
+}
+
+/// The flags of `multisite digest` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
+pub struct DigestArgs {
+    /// URL of the replica server, e.g. http://127.0.0.2:7400.
+    #[arg(long, value_name = "URL")]
+    pub replica: String,
+    #[command(flatten)]
+    pub access: Access,
 }
 
 /// Finds and loads the family secret (`--secret-file` or `MULTISITE_SECRET_FILE`).
@@ -70,14 +339,29 @@ pub fn read_schema(path: &Path) -> anyhow::Result<Vec<RecordTypeDef>> {
     Ok(file.record_types)
 }
 
+/// The flags of `multisite replica init` (the command's own text is on its subcommand).
+#[derive(clap::Args, Debug)]
 pub struct InitArgs {
+    /// Data directory (created if missing).
+    #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
+    /// Family name.
+    #[arg(long, value_name = "F")]
     pub family: String,
+    /// This replica's name.
+    #[arg(long, value_name = "R")]
     pub replica: String,
+    /// Prefix of record ids, e.g. SAMPL gives SAMPL00001.
+    #[arg(long, value_name = "P")]
     pub id_prefix: String,
+    /// Feature level of the schema repository and user database.
+    #[arg(long, value_name = "N")]
     pub feature_level: i32,
+    /// Schema file (YAML: recordTypes: [{name, fields: [{name, type}]}]); default: a Defect record type.
+    #[arg(long, value_name = "FILE")]
     pub schema: Option<PathBuf>,
-    pub secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: Access,
 }
 
 /// `replica init`: the first replica of a family.
@@ -106,6 +390,7 @@ pub fn init(args: InitArgs, compat: &Compatibility) -> anyhow::Result<String> {
         );
     }
     let secret_path = args
+        .access
         .secret_file
         .clone()
         .ok_or(secret::SecretError::Missing)?;
@@ -427,13 +712,15 @@ pub async fn forget(client: &ReplicaClient, url: &str, gone: &str) -> anyhow::Re
     ))
 }
 
-/// `multisite digest`: one replica's digest of its items.
-pub async fn digest(client: &ReplicaClient, url: &str) -> anyhow::Result<String> {
-    let answer = client.digest(url).await?;
-    Ok(format!(
-        "{} {} {} items\n",
+/// `multisite digest`: prints one replica's digest of its items.
+pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
+    let (client, _) = connect(&args.access)?;
+    let answer = client.digest(&args.replica).await?;
+    println!(
+        "{} {} {} items",
         answer.replica, answer.digest, answer.items
-    ))
+    );
+    Ok(())
 }
 
 pub fn render_status(status: &StatusReport, output: Output) -> anyhow::Result<String> {
