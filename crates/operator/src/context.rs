@@ -37,6 +37,25 @@ pub struct ManualRequest {
     pub link: Option<(String, String)>,
 }
 
+/// What the operator applies: a namespaced object it can send and read back.
+pub trait Applicable:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Applicable for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// A Kubernetes Event to publish about an object, as a decision names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announcement {
@@ -308,11 +327,7 @@ impl Ctx {
     /// remembers the version the API server gave it.
     pub async fn apply<K>(&self, object: &K) -> Result<(), OperatorError>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: Applicable,
     {
         let meta = object.meta();
         let namespace = meta.namespace.clone().unwrap_or_default();
@@ -362,11 +377,7 @@ impl Ctx {
         cached: Option<Arc<K>>,
     ) -> Result<(), OperatorError>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: Applicable,
     {
         let object = builders::stamped(object);
         if builders::unchanged(&object, self.as_applied(cached).as_deref()) {

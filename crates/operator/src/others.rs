@@ -8,29 +8,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use multisite_core::api::conditions::{self, DEGRADED, PROGRESSING, READY};
+use multisite_core::api::conditions::{self, READY, Verdict};
 use multisite_core::api::{SchemaPackage, SchemaPackageStatus};
 use multisite_core::api::{Site, SiteStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn set_all(
-    conds: &mut Vec<Condition>,
-    generation: Option<i64>,
-    values: [(&str, bool, &str, &str); 3],
-) {
+/// Sets the three standard conditions now.
+fn set_all(conds: &mut Vec<Condition>, generation: Option<i64>, values: [Verdict; 3]) {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    for (type_, value, reason, message) in values {
-        conditions::set_condition(
-            conds,
-            type_,
-            value,
-            reason,
-            message,
-            generation,
-            now.clone(),
-        );
-    }
+    conditions::set_standard(conds, values, generation, now);
 }
 
 pub async fn reconcile_site(site: Arc<Site>, ctx: Arc<Ctx>) -> Result<Action, OperatorError> {
@@ -60,9 +47,9 @@ async fn site_once(site: &Site, ctx: &Ctx) -> Result<Action, OperatorError> {
         &mut status.conditions,
         site.metadata.generation,
         [
-            (READY, true, "Accepted", &message),
-            (PROGRESSING, false, "Accepted", &message),
-            (DEGRADED, false, "Accepted", &message),
+            (true, "Accepted", &message),
+            (false, "Accepted", &message),
+            (false, "Accepted", &message),
         ],
     );
     let result = if status != old {
@@ -132,15 +119,15 @@ async fn package_once(package: &SchemaPackage, ctx: &Ctx) -> Result<Action, Oper
                 package.spec.family
             );
             [
-                (READY, false, "FamilyNotFound", m.clone()),
-                (PROGRESSING, false, "FamilyNotFound", m.clone()),
-                (DEGRADED, true, "FamilyNotFound", m),
+                (false, "FamilyNotFound", m.clone()),
+                (false, "FamilyNotFound", m.clone()),
+                (true, "FamilyNotFound", m),
             ]
         }
         (Some(_), Some(problem)) => [
-            (READY, false, "Invalid", problem.clone()),
-            (PROGRESSING, false, "Invalid", problem.clone()),
-            (DEGRADED, true, "Invalid", problem),
+            (false, "Invalid", problem.clone()),
+            (false, "Invalid", problem.clone()),
+            (true, "Invalid", problem),
         ],
         (Some(_), None) => {
             let waiting = roll_out(ctx, package, &mut status).await;
@@ -157,21 +144,17 @@ async fn package_once(package: &SchemaPackage, ctx: &Ctx) -> Result<Action, Oper
             });
             let reason = if done { "Applied" } else { "RollingOut" };
             [
-                (READY, done, reason, m.clone()),
-                (PROGRESSING, !done, reason, m.clone()),
-                (DEGRADED, false, reason, m),
+                (done, reason, m.clone()),
+                (!done, reason, m.clone()),
+                (false, reason, m),
             ]
         }
     };
-    let [a, b, c] = values;
+    let [a, b, c] = &values;
     set_all(
         &mut status.conditions,
         generation,
-        [
-            (a.0, a.1, a.2, &a.3),
-            (b.0, b.1, b.2, &b.3),
-            (c.0, c.1, c.2, &c.3),
-        ],
+        [(a.0, a.1, &a.2), (b.0, b.1, &b.2), (c.0, c.1, &c.2)],
     );
     let result = if status != old {
         apply_status(

@@ -76,21 +76,31 @@ struct ScriptedApi {
     client: kube::Client,
 }
 
+/// A router that records every request into `seen` and answers it by `answer`
+/// (method, path, JSON body).
+fn recording(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    answer: impl Fn(&Method, &str, &Value) -> Answer + Send + Sync + 'static,
+) -> axum::Router {
+    let answer = Arc::new(answer);
+    axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+        let seen = seen.clone();
+        let answer = answer.clone();
+        async move {
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let path = uri.path().to_string();
+            let (status, reply) = answer(&method, &path, &body);
+            seen.lock().unwrap().push(Seen { method, path, body });
+            (status, axum::Json(reply))
+        }
+    })
+}
+
 impl ScriptedApi {
     async fn start(read: impl Fn(&str) -> Option<Value> + Send + Sync + 'static) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        let read = Arc::new(read);
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
-            let record = record.clone();
-            let read = read.clone();
-            async move {
-                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let path = uri.path().to_string();
-                let (status, answer) = answer(&method, &path, &body, read.as_ref());
-                record.lock().unwrap().push(Seen { method, path, body });
-                (status, axum::Json(answer))
-            }
+        let app = recording(seen.clone(), move |method, path, body| {
+            answer(method, path, body, &read)
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -420,19 +430,7 @@ impl ReplicaStub {
     async fn start(answer: impl Fn(&Method, &str) -> Answer + Send + Sync + 'static) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        let answer = Arc::new(answer);
-        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
-            let record = record.clone();
-            let answer = answer.clone();
-            async move {
-                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let path = uri.path().to_string();
-                let (status, reply) = answer(&method, &path);
-                record.lock().unwrap().push(Seen { method, path, body });
-                (status, axum::Json(reply))
-            }
-        });
+        let app = recording(seen.clone(), move |method, path, _| answer(method, path));
         let base = std::process::id() % 200;
         let listener = loop {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -40,6 +40,33 @@ pub fn set_condition(
     }
 }
 
+/// One condition's value, reason and message.
+pub type Verdict<'a> = (bool, &'a str, &'a str);
+
+/// Sets the three standard conditions at once: Ready, Progressing, Degraded.
+pub fn set_standard(
+    conditions: &mut Vec<Condition>,
+    [ready, progressing, degraded]: [Verdict; 3],
+    observed_generation: Option<i64>,
+    now: Time,
+) {
+    for (type_, (value, reason, message)) in [
+        (READY, ready),
+        (PROGRESSING, progressing),
+        (DEGRADED, degraded),
+    ] {
+        set_condition(
+            conditions,
+            type_,
+            value,
+            reason,
+            message,
+            observed_generation,
+            now.clone(),
+        );
+    }
+}
+
 /// Whether condition `type_` is present with status `True`.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use multisite_core::api::conditions::{self, DEGRADED, PROGRESSING, READY};
+use multisite_core::api::conditions::{self, Verdict};
 use multisite_core::api::{
     MasteredCounts, PacketVersionStatus, Replica, ReplicaFamily, ReplicaPhase, ReplicaStatus, Site,
 };
@@ -194,9 +194,6 @@ pub fn fill_status(status: &mut ReplicaStatus, report: &StatusReport) {
     status.removal_pending = report.removal_pending.clone();
 }
 
-/// One condition's value, reason and message.
-type Verdict<'a> = (bool, &'a str, &'a str);
-
 /// Sets the three standard conditions at once.
 fn conditions(
     status: &mut ReplicaStatus,
@@ -206,21 +203,12 @@ fn conditions(
     progressing: Verdict,
     degraded: Verdict,
 ) {
-    for (type_, (value, reason, message)) in [
-        (READY, ready),
-        (PROGRESSING, progressing),
-        (DEGRADED, degraded),
-    ] {
-        conditions::set_condition(
-            &mut status.conditions,
-            type_,
-            value,
-            reason,
-            message,
-            generation,
-            now.clone(),
-        );
-    }
+    conditions::set_standard(
+        &mut status.conditions,
+        [ready, progressing, degraded],
+        generation,
+        now.clone(),
+    );
 }
 
 /// The three conditions of a replica that cannot serve for `reason`: not ready, not on

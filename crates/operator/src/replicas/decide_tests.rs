@@ -4,6 +4,7 @@
 use super::*;
 use crate::context::Announcement;
 use k8s_openapi::jiff::Timestamp;
+use multisite_core::api::conditions::{DEGRADED, PROGRESSING, READY};
 use multisite_core::api::{GatewaySpec, ReplicaFamilySpec, ReplicaSpec, SiteSpec};
 use serde_json::json;
 
