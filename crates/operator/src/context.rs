@@ -386,6 +386,24 @@ impl Ctx {
         self.apply(&object).await
     }
 
+    /// Removes annotation `key` from `family`: a request it carried has been taken.
+    pub async fn remove_annotation(
+        &self,
+        family: &ReplicaFamily,
+        key: &str,
+    ) -> Result<(), OperatorError> {
+        let api: Api<ReplicaFamily> =
+            Api::namespaced(self.client.clone(), &family.namespace().unwrap_or_default());
+        let patch = serde_json::json!({"metadata": {"annotations": {key: null}}});
+        api.patch(
+            &family.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The cached object `name` of `store` in `namespace`.
     pub fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
     where

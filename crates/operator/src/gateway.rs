@@ -328,14 +328,7 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
         && let Some(report) = &report
     {
         let moved = remaster(ctx, family, &spec.replica, &report.one_directional_records).await?;
-        let api: Api<ReplicaFamily> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = serde_json::json!({"metadata": {"annotations": {REMASTER: null}}});
-        api.patch(
-            &family.name_any(),
-            &Default::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await?;
+        ctx.remove_annotation(family, REMASTER).await?;
         ctx.event(
             family,
             false,

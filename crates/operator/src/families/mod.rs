@@ -13,7 +13,7 @@ use super::OperatorError;
 use super::context::{Announcement, Ctx, ManualRequest, apply_status};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use multisite_core::api::{ReplicaFamily, ReplicaFamilyStatus};
 use multisite_core::domain::scheduler::TaskKind;
@@ -54,11 +54,7 @@ async fn sync_now(ctx: &Ctx, family: &ReplicaFamily, value: &str) -> Result<(), 
         Err(e) => Announcement::warning("InvalidAnnotation", "Sync", e),
     };
     ctx.publish(family, &announcement).await;
-    let api: Api<ReplicaFamily> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = serde_json::json!({"metadata": {"annotations": {SYNC_NOW: null}}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+    ctx.remove_annotation(family, SYNC_NOW).await
 }
 
 async fn reconcile_once(family: &ReplicaFamily, ctx: &Ctx) -> Result<Action, OperatorError> {
