@@ -706,29 +706,54 @@ pub fn gateway_token_secret(family: &ReplicaFamily, token: &str) -> Secret {
     )
 }
 
-/// `object` with a digest of itself in the [`APPLIED`] annotation.
+/// `object` with a digest of itself in the [`APPLIED`] annotation. The digest leaves the
+/// object's annotations out (none of the builders sets any, and it must not cover
+/// itself). An object that cannot be encoded gets no digest, so it is always applied.
 pub fn stamped<K: Resource + serde::Serialize>(mut object: K) -> K {
     let annotations = object.meta_mut().annotations.take();
-    let bytes = serde_json::to_vec(&object).unwrap_or_default();
+    let encoded = serde_json::to_vec(&object);
+    object.meta_mut().annotations = annotations;
+    let Ok(bytes) = encoded else {
+        return object;
+    };
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     // 16 bytes tell two builds of an object apart; the rest only lengthens the annotation.
     let hex: String = digest.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let mut annotations = annotations.unwrap_or_default();
-    annotations.insert(APPLIED.into(), hex);
-    object.meta_mut().annotations = Some(annotations);
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED.into(), hex);
     object
 }
 
 /// Whether `observed` (from a cache) is what applying `desired` (stamped) would leave:
-/// it exists, is not going away, and carries the same digest.
+/// it exists, is not going away, carries the same digest, and still has the labels and
+/// owner references the operator gives it (others may add their own).
 pub fn unchanged<K: Resource>(desired: &K, observed: Option<&K>) -> bool {
     let digest = |o: &K| o.meta().annotations.as_ref()?.get(APPLIED).cloned();
-    observed.is_some_and(|o| {
-        o.meta().deletion_timestamp.is_none() && digest(o).is_some() && digest(o) == digest(desired)
-    })
+    let Some(observed) = observed else {
+        return false;
+    };
+    let (want, have) = (desired.meta(), observed.meta());
+    let labels_kept = want.labels.iter().flatten().all(|(k, v)| {
+        have.labels
+            .as_ref()
+            .is_some_and(|labels| labels.get(k) == Some(v))
+    });
+    let owners_kept = want
+        .owner_references
+        .iter()
+        .flatten()
+        .all(|o| have.owner_references.iter().flatten().any(|h| h == o));
+    have.deletion_timestamp.is_none()
+        && digest(observed).is_some()
+        && digest(observed) == digest(desired)
+        && labels_kept
+        && owners_kept
 }
 
 #[cfg(test)]

@@ -139,9 +139,12 @@ pub async fn prune(ctx: &Ctx, family: &ReplicaFamily) -> Result<(), OperatorErro
             continue;
         }
         let name = deployment.name_any();
-        deployments
-            .delete(&name, &DeleteParams::background())
-            .await?;
+        match deployments.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            // Deleted already: the cache has not seen it go yet.
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => return Err(e.into()),
+        }
         let _ = services.delete(&name, &DeleteParams::background()).await;
         ctx.event(
             family,

@@ -100,6 +100,22 @@ pub struct Stores {
     pub pods: Store<Pod>,
 }
 
+impl Stores {
+    /// Resolves once every cache has loaded its first full list (or its watch is gone).
+    pub async fn ready(&self) {
+        // An error means the watch behind a cache stopped: the operator is stopping.
+        let _ = tokio::join!(
+            self.replicas.wait_until_ready(),
+            self.families.wait_until_ready(),
+            self.sites.wait_until_ready(),
+            self.statefulsets.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.pods.wait_until_ready(),
+        );
+    }
+}
+
 pub struct Ctx {
     pub client: kube::Client,
     /// Tables 1 and 2, for the upgrade planner.
@@ -404,6 +420,19 @@ impl Ctx {
         Ok(())
     }
 
+    /// The caches, to wait for their first load.
+    pub fn caches(&self) -> Stores {
+        Stores {
+            replicas: self.replicas.clone(),
+            families: self.families.clone(),
+            sites: self.sites.clone(),
+            statefulsets: self.statefulsets.clone(),
+            deployments: self.deployments.clone(),
+            services: self.services.clone(),
+            pods: self.pods.clone(),
+        }
+    }
+
     /// The cached object `name` of `store` in `namespace`.
     pub fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Option<Arc<K>>
     where
@@ -589,11 +618,17 @@ where
     Ok(())
 }
 
-/// An object's version for [`Ctx::as_applied`]: its generation, which moves only when
-/// its spec changes, else its resourceVersion.
+/// An object's version for [`Ctx::as_applied`]: its uid (a deleted and re-created
+/// object is another) and its generation, which moves only when its spec changes, else
+/// its resourceVersion.
 fn version_of<K: Resource>(object: &K) -> Option<String> {
     let meta = object.meta();
-    meta.generation
+    let version = meta
+        .generation
         .map(|g| g.to_string())
-        .or_else(|| meta.resource_version.clone())
+        .or_else(|| meta.resource_version.clone())?;
+    Some(format!(
+        "{}/{version}",
+        meta.uid.as_deref().unwrap_or_default()
+    ))
 }

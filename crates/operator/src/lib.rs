@@ -14,15 +14,17 @@ pub mod families;
 pub mod gateway;
 pub mod leader;
 pub mod metrics;
-pub mod others;
+pub mod packages;
 pub mod reconcile;
 #[cfg(test)]
 mod reconcile_tests;
 pub mod replicas;
+pub mod sites;
 pub mod sync;
 pub mod upgrade;
 
 use futures::StreamExt;
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -30,7 +32,7 @@ use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector::reflector, watcher};
 use kube::{Resource, ResourceExt};
 use multisite_core::api::Replica;
 use multisite_core::api::ReplicaFamily;
@@ -63,10 +65,6 @@ pub enum OperatorError {
 
 /// The user agent of the operator's requests to the Kubernetes API.
 pub const USER_AGENT: &str = concat!("multisite-operator/", env!("CARGO_PKG_VERSION"));
-
-/// How many events a shared reflector holds for a controller that has not yet taken
-/// them (the writer waits when one falls that far behind).
-const SHARED_EVENT_BUFFER: usize = 256;
 
 /// How the operator runs.
 #[derive(Clone, Debug)]
@@ -224,14 +222,17 @@ where
     }
 }
 
-/// One watch of `K` shared by several consumers: the store it fills, `N` streams of its
-/// objects for controllers, and the watch itself, to be driven.
-fn shared_watch<K, const N: usize>(
+/// One watch of `K` for `N` consumers: the cache it fills, `N` streams of the objects it
+/// touches (changed, or deleted) for controllers, and the watch itself, to be driven.
+/// The streams are unbounded channels: a controller that has not started yet (they start
+/// once every cache has loaded) or lags never holds the watch back, and a deletion
+/// reaches it too.
+fn watch_into_cache<K, const N: usize>(
     api: Api<K>,
     config: watcher::Config,
 ) -> (
     reflector::Store<K>,
-    [reflector::ReflectHandle<K>; N],
+    [UnboundedReceiver<K>; N],
     impl std::future::Future<Output = ()>,
 )
 where
@@ -243,23 +244,28 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store_shared(SHARED_EVENT_BUFFER);
-    // `store_shared` always makes a writer that gives subscribers.
-    let handles = std::array::from_fn(|_| {
-        writer
-            .subscribe()
-            .expect("a shared store gives subscribers")
-    });
-    let watch = watcher(api, config)
+    let (store, writer) = reflector::store();
+    let channels: [(UnboundedSender<K>, UnboundedReceiver<K>); N] =
+        std::array::from_fn(|_| futures::channel::mpsc::unbounded());
+    let senders: Vec<UnboundedSender<K>> = channels.iter().map(|(s, _)| s.clone()).collect();
+    let watch = reflector(writer, watcher(api, config))
         .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|event| {
-            if let Err(error) = event {
-                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying");
+        .touched_objects()
+        .for_each(move |touched| {
+            match touched {
+                Ok(object) => {
+                    for sender in &senders {
+                        // A closed channel is a controller that stopped.
+                        let _ = sender.unbounded_send(object.clone());
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying")
+                }
             }
             std::future::ready(())
         });
-    (store, handles, watch)
+    (store, channels.map(|(_, r)| r), watch)
 }
 
 /// The controllers and the sync runner of one namespace (or of all).
@@ -271,26 +277,29 @@ async fn run_scope(
     stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let config = watcher::Config::default();
-    // One watch of the Replicas for the three controllers that follow them: a shared
-    // reflector whose store the Replica controller reads and whose events the family and
-    // Site controllers map to their owners.
+    // One watch of each kind the controllers read, into a cache; the Replicas' changes go
+    // to the three controllers that follow them, the others' to the one that does.
     let (replica_store, [for_replicas, for_families, for_sites], replica_watch) =
-        shared_watch(api::<Replica>(&client, &scope), config.clone());
+        watch_into_cache(api::<Replica>(&client, &scope), config.clone());
+    let (family_store, [family_events], family_watch) =
+        watch_into_cache(api::<ReplicaFamily>(&client, &scope), config.clone());
+    let (site_store, [site_events], site_watch) =
+        watch_into_cache(api::<Site>(&client, &scope), config.clone());
     // The StatefulSets, Deployments, Services and pods of the product, cached so that a
     // reconcile reads them without a request, and watched so that a change to one
     // reconciles its Replica or family at once.
     let owned = config.clone().labels(builders::MANAGED);
     let (statefulsets, [statefulset_events], statefulset_watch) =
-        shared_watch(api::<StatefulSet>(&client, &scope), owned.clone());
+        watch_into_cache(api::<StatefulSet>(&client, &scope), owned.clone());
     let (deployments, [deployment_events], deployment_watch) =
-        shared_watch(api::<Deployment>(&client, &scope), owned.clone());
+        watch_into_cache(api::<Deployment>(&client, &scope), owned.clone());
     let (services, [service_events], service_watch) =
-        shared_watch(api::<Service>(&client, &scope), owned.clone());
-    let (pods, [pod_events], pod_watch) = shared_watch(api::<Pod>(&client, &scope), owned);
-    let replicas = Controller::for_shared_stream(for_replicas, replica_store.clone())
-        .owns_shared_stream(statefulset_events)
-        .owns_shared_stream(service_events)
-        .watches_shared_stream(pod_events, |pod: Arc<Pod>| {
+        watch_into_cache(api::<Service>(&client, &scope), owned.clone());
+    let (pods, [pod_events], pod_watch) = watch_into_cache(api::<Pod>(&client, &scope), owned);
+    let replicas = Controller::for_stream(for_replicas.map(Ok), replica_store.clone())
+        .owns_stream(statefulset_events.map(Ok))
+        .owns_stream(service_events.map(Ok))
+        .watches_stream(pod_events.map(Ok), |pod: Pod| {
             // Only a replica's own pod: the gateway's names its replica too.
             let labels = pod.labels();
             if labels.get(builders::COMPONENT_LABEL).map(String::as_str) != Some("replica") {
@@ -302,17 +311,19 @@ async fn run_scope(
     // A family is reconciled when it, one of its Replicas, or a Deployment it owns (its
     // client tiers and gateway) changes, and when the sync runner's link states for it
     // change (the trigger stream, joined once the context exists).
-    let families = Controller::new(api::<ReplicaFamily>(&client, &scope), config.clone())
-        .watches_shared_stream(for_families, |r: Arc<Replica>| {
+    let families = Controller::for_stream(family_events.map(Ok), family_store.clone())
+        .watches_stream(for_families.map(Ok), |r: Replica| {
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.family).within(&namespace))
         })
-        .owns_shared_stream(deployment_events);
-    let sites = Controller::new(api::<Site>(&client, &scope), config.clone())
-        .watches_shared_stream(for_sites, |r: Arc<Replica>| {
+        .owns_stream(deployment_events.map(Ok));
+    let sites = Controller::for_stream(site_events.map(Ok), site_store.clone()).watches_stream(
+        for_sites.map(Ok),
+        |r: Replica| {
             let namespace = r.metadata.namespace.clone()?;
             Some(ObjectRef::new(&r.spec.site).within(&namespace))
-        });
+        },
+    );
     let packages = Controller::new(api::<SchemaPackage>(&client, &scope), config.clone());
     let recorder = Recorder::new(
         client.clone(),
@@ -328,8 +339,8 @@ async fn run_scope(
         settings.image.clone(),
         context::Stores {
             replicas: replica_store,
-            families: families.store(),
-            sites: sites.store(),
+            families: family_store,
+            sites: site_store,
             statefulsets,
             deployments,
             services,
@@ -340,13 +351,18 @@ async fn run_scope(
         Some(triggers) => families.reconcile_on(triggers),
         None => families,
     };
-    let watches = futures::future::join5(
-        replica_watch,
-        statefulset_watch,
-        deployment_watch,
-        service_watch,
-        pod_watch,
-    );
+    let caches = ctx.caches();
+    let watches = async {
+        tokio::join!(
+            replica_watch,
+            family_watch,
+            site_watch,
+            statefulset_watch,
+            deployment_watch,
+            service_watch,
+            pod_watch,
+        )
+    };
     let watch_stopped = until_stopped(stopped.clone());
     let watches = async move {
         tokio::select! {
@@ -354,28 +370,38 @@ async fn run_scope(
             _ = watch_stopped => {}
         }
     };
-    tokio::join!(
-        watches,
-        replicas
-            .graceful_shutdown_on(until_stopped(stopped.clone()))
-            .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
-            .for_each(|_| std::future::ready(())),
-        families
-            .graceful_shutdown_on(until_stopped(stopped.clone()))
-            .run(families::reconcile, reconcile::error_policy, ctx.clone())
-            .for_each(|_| std::future::ready(())),
-        sites
-            .graceful_shutdown_on(until_stopped(stopped.clone()))
-            .run(others::reconcile_site, reconcile::error_policy, ctx.clone())
-            .for_each(|_| std::future::ready(())),
-        packages
-            .graceful_shutdown_on(until_stopped(stopped.clone()))
-            .run(
-                others::reconcile_package,
-                reconcile::error_policy,
-                ctx.clone()
-            )
-            .for_each(|_| std::future::ready(())),
-        sync::run(ctx.clone(), stopped.clone()),
-    );
+    // The controllers and the sync runner start once every cache has loaded: a reconcile
+    // on a cache still empty would take a live pod for a missing one.
+    let ready_stopped = until_stopped(stopped.clone());
+    let work = async move {
+        tokio::select! {
+            () = caches.ready() => {}
+            _ = ready_stopped => return,
+        }
+        tracing::debug!("caches loaded; controllers start");
+        tokio::join!(
+            replicas
+                .graceful_shutdown_on(until_stopped(stopped.clone()))
+                .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
+                .for_each(|_| std::future::ready(())),
+            families
+                .graceful_shutdown_on(until_stopped(stopped.clone()))
+                .run(families::reconcile, reconcile::error_policy, ctx.clone())
+                .for_each(|_| std::future::ready(())),
+            sites
+                .graceful_shutdown_on(until_stopped(stopped.clone()))
+                .run(sites::reconcile_site, reconcile::error_policy, ctx.clone())
+                .for_each(|_| std::future::ready(())),
+            packages
+                .graceful_shutdown_on(until_stopped(stopped.clone()))
+                .run(
+                    packages::reconcile_package,
+                    reconcile::error_policy,
+                    ctx.clone()
+                )
+                .for_each(|_| std::future::ready(())),
+            sync::run(ctx.clone(), stopped.clone()),
+        );
+    };
+    tokio::join!(watches, work);
 }

@@ -328,7 +328,7 @@ async fn a_site_counts_its_replicas_in_one_status_write() {
     let object = serde_json::to_value(&s).unwrap();
     let api = ScriptedApi::start(move |p| (p == path).then(|| object.clone())).await;
     let ctx = context(&api, vec![replica(true)], vec![family()], vec![s.clone()]);
-    super::others::reconcile_site(Arc::new(s), ctx)
+    super::sites::reconcile_site(Arc::new(s), ctx)
         .await
         .expect("a reconcile");
     assert_eq!(
@@ -357,7 +357,7 @@ async fn a_success_resets_the_back_off_of_a_site() {
     }
     let third = ctx.backoffs.failed("Site/tracker/tokyo");
     assert!(third >= std::time::Duration::from_secs(4), "{third:?}");
-    super::others::reconcile_site(Arc::new(s.clone()), ctx.clone())
+    super::sites::reconcile_site(Arc::new(s.clone()), ctx.clone())
         .await
         .expect("a reconcile");
     let after = ctx.backoffs.failed("Site/tracker/tokyo");
@@ -402,13 +402,27 @@ async fn link_and_topology_changes_trigger_the_family_and_repeats_do_not() {
     ctx.set_links(key.clone(), vec![ran.clone()]);
     assert!(woken().is_empty());
     assert_eq!(ctx.links_of(&key), [ran], "the latest states are kept");
-    ctx.set_links(
-        key.clone(),
-        vec![multisite_core::api::LinkStatus {
+    for changed in [
+        multisite_core::api::LinkStatus {
             error: Some("refused".into()),
             ..link(0)
-        }],
-    );
+        },
+        multisite_core::api::LinkStatus {
+            held_packets: 1,
+            ..link(0)
+        },
+        multisite_core::api::LinkStatus {
+            last_task: Some("Incremental".into()),
+            ..link(0)
+        },
+    ] {
+        ctx.set_links(key.clone(), vec![link(0)]);
+        woken();
+        ctx.set_links(key.clone(), vec![changed.clone()]);
+        assert_eq!(woken(), ["tracker/sampl"], "{changed:?}");
+    }
+    // A link that goes away changes the family too.
+    ctx.set_links(key.clone(), vec![]);
     assert_eq!(woken(), ["tracker/sampl"]);
     ctx.set_topology_error(key.clone(), Some("no hub".into()));
     ctx.set_topology_error(key.clone(), Some("no hub".into()));
@@ -598,10 +612,63 @@ async fn a_settled_replica_costs_its_poll_no_kubernetes_request() {
     let mut edited = cached;
     edited.metadata.generation = Some(2);
     watch.apply_watcher_event(&watcher::Event::Apply(edited));
-    replicas::reconcile(Arc::new(r), ctx)
+    replicas::reconcile(Arc::new(r.clone()), ctx.clone())
         .await
         .expect("a reconcile");
     assert_eq!(api.lines()[5..], [statefulset]);
+
+    // The watch then brings the object as that apply left it: nothing more to do.
+    let (as_applied, _) = workload(&r);
+    watch.apply_watcher_event(&watcher::Event::Apply(as_applied));
+    replicas::reconcile(Arc::new(r), ctx)
+        .await
+        .expect("a reconcile");
+    assert_eq!(api.lines().len(), 6, "{:?}", api.lines());
+}
+
+/// The controllers start only once every cache has loaded its first list.
+#[tokio::test]
+async fn the_caches_are_ready_only_once_each_has_loaded() {
+    use std::time::Duration;
+    fn loading<K>() -> (Store<K>, reflector::store::Writer<K>)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        reflector::store()
+    }
+    let (replicas, mut w1) = loading();
+    let (families, mut w2) = loading();
+    let (sites, mut w3) = loading();
+    let (statefulsets, mut w4) = loading();
+    let (deployments, mut w5) = loading();
+    let (services, mut w6) = loading();
+    let (pods, mut w7) = loading::<Pod>();
+    let stores = Stores {
+        replicas,
+        families,
+        sites,
+        statefulsets,
+        deployments,
+        services,
+        pods,
+    };
+    let waiting = tokio::time::timeout(Duration::from_millis(50), stores.ready());
+    assert!(waiting.await.is_err(), "ready before any cache loaded");
+    w1.apply_watcher_event(&watcher::Event::InitDone);
+    w2.apply_watcher_event(&watcher::Event::InitDone);
+    w3.apply_watcher_event(&watcher::Event::InitDone);
+    w4.apply_watcher_event(&watcher::Event::InitDone);
+    w5.apply_watcher_event(&watcher::Event::InitDone);
+    w6.apply_watcher_event(&watcher::Event::InitDone);
+    let waiting = tokio::time::timeout(Duration::from_millis(50), stores.ready());
+    assert!(
+        waiting.await.is_err(),
+        "ready with the pod cache still loading"
+    );
+    w7.apply_watcher_event(&watcher::Event::InitDone);
+    tokio::time::timeout(Duration::from_secs(5), stores.ready())
+        .await
+        .expect("ready once every cache loaded");
 }
 
 /// A pod waiting for its bootstrap is told to start the family; the bootstrap is
@@ -874,7 +941,7 @@ async fn a_schema_package_is_applied_at_the_master_then_each_user_database_upgra
     let status_write =
         format!("PATCH /apis/multisite.dev/v1alpha1/namespaces/{NS}/schemapackages/interop/status");
 
-    super::others::reconcile_package(Arc::new(package.clone()), ctx.clone())
+    super::packages::reconcile_package(Arc::new(package.clone()), ctx.clone())
         .await
         .expect("a reconcile");
     assert_eq!(stub.lines(), ["GET /v1/status", "POST /v1/schema-packages"]);
@@ -894,7 +961,7 @@ async fn a_schema_package_is_applied_at_the_master_then_each_user_database_upgra
 
     // Next look: the version has arrived; the user database is upgraded to it.
     package.status = Some(serde_json::from_value(written).unwrap());
-    super::others::reconcile_package(Arc::new(package), ctx)
+    super::packages::reconcile_package(Arc::new(package), ctx)
         .await
         .expect("a reconcile");
     assert_eq!(

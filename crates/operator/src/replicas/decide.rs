@@ -512,15 +512,24 @@ pub fn placement(o: &Observed) -> Placement {
             );
             decision.requeue = Duration::from_secs(2);
         }
-        Answer::Unreachable(_) | Answer::NotAsked => {
-            let error = match &o.answer {
-                Answer::Unreachable(error) => error.as_str(),
-                _ => "its server was not asked",
-            };
+        Answer::Unreachable(error) => {
             status.reachable = Some(false);
             let message = format!("replica API at {url}: {error}");
             failing(&mut status, generation, &o.now, "Unreachable", &message);
             decision.requeue = Duration::from_secs(5);
+        }
+        // Only when observe and decide disagree on whether to ask: look again soon.
+        Answer::NotAsked => {
+            let message = format!("waiting for the report of the replica at {url}");
+            conditions(
+                &mut status,
+                generation,
+                &o.now,
+                (false, "PodStarting", &message),
+                (true, "PodStarting", &message),
+                (false, "PodStarting", &message),
+            );
+            decision.requeue = Duration::from_secs(2);
         }
     }
     decision.status = status;

@@ -217,6 +217,10 @@ fn in_namespace(r: &Arc<Replica>) -> Replica {
     let mut r = (**r).clone();
     r.metadata.namespace = Some("tracker".into());
     r.metadata.generation = Some(1);
+    r.metadata.uid = Some(format!(
+        "uid-{}",
+        r.metadata.name.clone().unwrap_or_default()
+    ));
     r
 }
 
@@ -372,6 +376,29 @@ fn the_workload_is_applied_only_when_the_cache_differs() {
     going.service = Some(by_hand);
     let d = placement(&going.observed());
     assert!(d.statefulset.is_some() && d.service.is_some());
+
+    // Its labels or owner reference taken away: applied again to put them back. Labels
+    // others add are theirs.
+    let mut stripped = Scene::new(replica("a", 30, None, None));
+    let mut no_owner = built_sts.clone();
+    no_owner.metadata.owner_references = None;
+    stripped.statefulset = Some(no_owner);
+    let mut relabelled = d.service.clone().expect("a Service");
+    if let Some(labels) = relabelled.metadata.labels.as_mut() {
+        labels.remove(builders::REPLICA_LABEL);
+    }
+    stripped.service = Some(relabelled);
+    let d = placement(&stripped.observed());
+    assert!(d.statefulset.is_some() && d.service.is_some());
+    let mut extra = Scene::new(replica("a", 30, None, None));
+    let mut labelled = built_sts;
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("team".into(), "tracker".into());
+    extra.statefulset = Some(labelled);
+    assert!(placement(&extra.observed()).statefulset.is_none());
 }
 
 #[test]
