@@ -437,4 +437,271 @@ mod tests {
                 .is_some_and(|p| p.contains("field a twice"))
         );
     }
+
+    fn report(name: &str, schema: u64, user_database: u64) -> StatusReport {
+        serde_json::from_value(serde_json::json!({
+            "family": "f", "replica": name, "idPrefix": "F", "idTag": "t",
+            "incarnation": 1, "schemaRepositoryFeatureLevel": 7,
+            "userDatabaseFeatureLevel": 7, "metaschemaVersion": 22, "packetVersion": null,
+            "syncBlocked": null, "schemaVersion": schema,
+            "userDatabaseSchemaVersion": user_database, "schemaRepositoryMaster": "a",
+            "epochs": {}, "heldPackets": 0, "held": [], "peers": [], "mastered": {},
+            "changeLog": 0
+        }))
+        .expect("a report")
+    }
+
+    fn member(name: &str, phase: ReplicaPhase) -> Arc<Replica> {
+        let mut r: Replica = serde_json::from_value(serde_json::json!({
+            "apiVersion": "multisite.dev/v1alpha1", "kind": "Replica",
+            "metadata": {"name": name, "namespace": "t"},
+            "spec": {"family": "f", "site": "s", "storage": "1Gi"}
+        }))
+        .expect("a replica");
+        r.status = Some(multisite_core::api::ReplicaStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        Arc::new(r)
+    }
+
+    /// A valid package of family `f`, applied as `version` if given.
+    fn valid(version: Option<i64>) -> SchemaPackage {
+        let mut p = package(vec![("ChangeEvent", vec!["record"])]);
+        p.metadata.namespace = Some("t".into());
+        p.metadata.generation = Some(1);
+        p.status = version.map(|v| SchemaPackageStatus {
+            schema_version: Some(v),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn observed<'a>(
+        package: &'a SchemaPackage,
+        members: &'a [Arc<Replica>],
+        reports: Vec<(&str, Option<StatusReport>)>,
+    ) -> Observed<'a> {
+        const BASE: &[String] = &[];
+        Observed {
+            package,
+            family_exists: true,
+            base_types: BASE,
+            members,
+            reports: reports
+                .into_iter()
+                .map(|(n, r)| (n.to_string(), format!("http://{n}:7400"), r))
+                .collect(),
+            now: Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("time")),
+        }
+    }
+
+    fn verdict(status: &SchemaPackageStatus) -> Vec<(String, bool, String)> {
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status == "True", c.reason.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn what_a_rollout_asks_of_the_replicas() {
+        let members = [
+            member("a", ReplicaPhase::Active),
+            member("b", ReplicaPhase::Active),
+        ];
+        let new = valid(None);
+        let applied = valid(Some(2));
+        let mut no_family = observed(&new, &members, vec![("a", Some(report("a", 1, 1)))]);
+        no_family.family_exists = false;
+        let invalid_package = package(vec![]);
+        let rows: Vec<(&str, Observed, Calls)> = vec![
+            ("no family", no_family, Calls::None),
+            (
+                "invalid",
+                observed(
+                    &invalid_package,
+                    &members,
+                    vec![("a", Some(report("a", 1, 1)))],
+                ),
+                Calls::None,
+            ),
+            (
+                "nothing serves",
+                observed(&new, &members, vec![]),
+                Calls::None,
+            ),
+            (
+                "first: at the master",
+                observed(
+                    &new,
+                    &members,
+                    vec![
+                        ("a", Some(report("a", 1, 1))),
+                        ("b", Some(report("b", 1, 1))),
+                    ],
+                ),
+                Calls::Apply {
+                    master: "a".into(),
+                    url: "http://a:7400".into(),
+                },
+            ),
+            (
+                "the master does not serve",
+                observed(&new, &members, vec![("b", Some(report("b", 1, 1)))]),
+                Calls::None,
+            ),
+            (
+                "arrived at b only",
+                observed(
+                    &applied,
+                    &members,
+                    vec![
+                        ("a", Some(report("a", 2, 2))),
+                        ("b", Some(report("b", 2, 1))),
+                    ],
+                ),
+                Calls::Upgrade {
+                    version: 2,
+                    replicas: vec![("b".into(), "http://b:7400".into())],
+                },
+            ),
+            (
+                "not arrived, or not answering",
+                observed(
+                    &applied,
+                    &members,
+                    vec![("a", None), ("b", Some(report("b", 1, 1)))],
+                ),
+                Calls::None,
+            ),
+            (
+                "done",
+                observed(
+                    &applied,
+                    &members,
+                    vec![
+                        ("a", Some(report("a", 2, 2))),
+                        ("b", Some(report("b", 3, 3))),
+                    ],
+                ),
+                Calls::None,
+            ),
+        ];
+        for (name, o, expected) in rows {
+            assert_eq!(calls(&o), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_rollouts_status_says_where_each_replica_stands() {
+        let members = [
+            member("a", ReplicaPhase::Active),
+            member("b", ReplicaPhase::Active),
+            member("c", ReplicaPhase::Bootstrapping),
+            member("d", ReplicaPhase::Removing),
+        ];
+        // Just applied: version recorded, every replica waits for it to arrive.
+        let new = valid(None);
+        let o = observed(
+            &new,
+            &members,
+            vec![("a", Some(report("a", 1, 1))), ("b", None)],
+        );
+        let (status, requeue) = super::status(
+            &o,
+            &Outcome {
+                applied: Some(2),
+                ..Default::default()
+            },
+        );
+        assert_eq!(status.schema_version, Some(2));
+        let names: Vec<_> = status.replicas.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"], "a leaving replica is left out");
+        assert_eq!(
+            status.replicas[0].message.as_deref(),
+            Some("waiting for schema version 2 to arrive in packets")
+        );
+        assert_eq!(status.replicas[1].message.as_deref(), Some("not reachable"));
+        assert_eq!(
+            status.replicas[2].message.as_deref(),
+            Some("not serving yet")
+        );
+        assert_eq!(
+            verdict(&status)[1],
+            ("Progressing".into(), true, "RollingOut".into())
+        );
+        assert_eq!(requeue, Duration::from_secs(3));
+
+        // Upgrades made: one done, one refused with its reason.
+        let applied = valid(Some(2));
+        let two = &members[..2];
+        let o = observed(
+            &applied,
+            two,
+            vec![
+                ("a", Some(report("a", 2, 1))),
+                ("b", Some(report("b", 2, 1))),
+            ],
+        );
+        let outcome = Outcome {
+            upgraded: [
+                ("a".to_string(), Ok(())),
+                ("b".to_string(), Err("disk full".to_string())),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let (status, _) = super::status(&o, &outcome);
+        assert!(status.replicas[0].user_database_upgraded);
+        assert!(!status.replicas[1].user_database_upgraded);
+        assert_eq!(status.replicas[1].message.as_deref(), Some("disk full"));
+
+        // Everything there: Ready, looked at seldom.
+        let o = observed(
+            &applied,
+            two,
+            vec![
+                ("a", Some(report("a", 2, 2))),
+                ("b", Some(report("b", 2, 2))),
+            ],
+        );
+        let (status, requeue) = super::status(&o, &Outcome::default());
+        assert_eq!(
+            verdict(&status),
+            [
+                ("Ready".into(), true, "Applied".into()),
+                ("Progressing".into(), false, "Applied".into()),
+                ("Degraded".into(), false, "Applied".into()),
+            ]
+        );
+        assert_eq!(requeue, Duration::from_secs(10));
+
+        // A failed call: said in the status, replicas as they were.
+        let (failed, _) = super::status(
+            &o,
+            &Outcome {
+                failed: Some("cannot reach a".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            verdict(&failed)[1],
+            ("Progressing".into(), true, "RollingOut".into())
+        );
+        assert!(
+            failed.conditions[0]
+                .message
+                .starts_with("rollout: cannot reach a")
+        );
+
+        // A missing family or an invalid package needs a person: Degraded.
+        let mut gone = observed(&applied, two, vec![]);
+        gone.family_exists = false;
+        let (status, _) = super::status(&gone, &Outcome::default());
+        assert_eq!(
+            verdict(&status)[2],
+            ("Degraded".into(), true, "FamilyNotFound".into())
+        );
+    }
 }
