@@ -27,6 +27,11 @@
 //! is the source's rule for one link, and applying it to the whole instant keeps
 //! the rarer full tasks from waiting behind incrementals that came due with them.
 //!
+//! Links may belong to groups (the families of one operator, [`Scheduler::grouped`]): the
+//! limits above then hold across all groups, and a group's own limits, where set, narrow
+//! them for its links. A task that only its group's limits hold back is passed over like
+//! one whose link is busy, so one family's narrower limits never hold up another's.
+//!
 //! Queued tasks always pass their link's gates: disabling a link drops its queued
 //! tasks, and a link that loses its automatic setting or integrity check drops its
 //! queued scheduled tasks. Running tasks are never cut short; they finish.
@@ -155,17 +160,43 @@ pub struct Rescheduled<L> {
 
 /// The scheduler's state: the known links, the running tasks and the queue.
 #[derive(Debug, Clone)]
-pub struct Scheduler<L> {
+pub struct Scheduler<L, G = ()> {
     limits: Limits,
+    /// The group (family) a link belongs to.
+    group_of: fn(&L) -> G,
+    /// Groups whose own limits narrow the overall ones for their links.
+    group_limits: BTreeMap<G, Limits>,
     links: BTreeMap<L, LinkGates>,
     running: Vec<Task<L>>,
     queue: Vec<Task<L>>,
 }
 
 impl<L: Clone + Ord> Scheduler<L> {
+    /// A scheduler whose limits hold across all its links.
     pub fn new(limits: Limits) -> Self {
+        Self::grouped(limits, |_| ())
+    }
+}
+
+/// Why a queued task cannot start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    Free,
+    /// Its group's own limits hold it back: tasks of other groups may still start.
+    GroupFull,
+    /// The overall limits hold it back: nothing behind it may overtake it.
+    Full,
+}
+
+impl<L: Clone + Ord, G: Clone + Ord> Scheduler<L, G> {
+    /// A scheduler whose links belong to groups (the families of one operator): `limits`
+    /// hold across all links, and a group's own limits, where set, narrow them for its
+    /// links; the stricter of the two always wins.
+    pub fn grouped(limits: Limits, group_of: fn(&L) -> G) -> Self {
         Scheduler {
             limits,
+            group_of,
+            group_limits: BTreeMap::new(),
             links: BTreeMap::new(),
             running: Vec::new(),
             queue: Vec::new(),
@@ -180,6 +211,20 @@ impl<L: Clone + Ord> Scheduler<L> {
     /// limit may start queued tasks, which are returned.
     pub fn set_limits(&mut self, limits: Limits) -> Vec<Task<L>> {
         self.limits = limits;
+        self.dispatch()
+    }
+
+    /// The own limits of `group`, if it has any.
+    pub fn group_limits(&self, group: &G) -> Option<Limits> {
+        self.group_limits.get(group).copied()
+    }
+
+    /// Sets or clears the own limits of `group`, like [`Scheduler::set_limits`].
+    pub fn set_group_limits(&mut self, group: G, limits: Option<Limits>) -> Vec<Task<L>> {
+        match limits {
+            Some(limits) => self.group_limits.insert(group, limits),
+            None => self.group_limits.remove(&group),
+        };
         self.dispatch()
     }
 
@@ -281,23 +326,26 @@ impl<L: Clone + Ord> Scheduler<L> {
         }
     }
 
-    /// Whether a task of `kind` fits beside the running tasks.
-    fn has_room_for(&self, kind: TaskKind) -> bool {
-        let count = |wanted: TaskKind| {
-            self.running
-                .iter()
-                .filter(|task| task.kind == wanted)
-                .count()
-        };
-        let (full, incremental) = (count(TaskKind::Full), count(TaskKind::Incremental));
-        let below = |running: usize, limit: NonZeroU32| {
-            u32::try_from(running).is_ok_and(|n| n < limit.get())
-        };
-        match kind {
-            TaskKind::Full => incremental == 0 && below(full, self.limits.max_concurrent_full),
-            TaskKind::Incremental => {
-                full == 0 && below(incremental, self.limits.max_concurrent_incremental)
+    /// Whether `task` fits beside the running tasks: under the overall limits, then
+    /// under its group's own.
+    fn room_for(&self, task: &Task<L>) -> Room {
+        if !fits(self.running.iter(), self.limits, task.kind) {
+            return Room::Full;
+        }
+        let group = (self.group_of)(&task.link);
+        match self.group_limits.get(&group) {
+            Some(limits) => {
+                let in_group = self
+                    .running
+                    .iter()
+                    .filter(|t| (self.group_of)(&t.link) == group);
+                if fits(in_group, *limits, task.kind) {
+                    Room::Free
+                } else {
+                    Room::GroupFull
+                }
             }
+            None => Room::Free,
         }
     }
 
@@ -310,8 +358,13 @@ impl<L: Clone + Ord> Scheduler<L> {
                 at += 1;
                 continue;
             }
-            if !self.has_room_for(task.kind) {
-                break;
+            match self.room_for(task) {
+                Room::Free => {}
+                Room::GroupFull => {
+                    at += 1;
+                    continue;
+                }
+                Room::Full => break,
             }
             let task = self.queue.remove(at);
             self.running.push(task.clone());
@@ -333,6 +386,27 @@ impl<L: Clone + Ord> Scheduler<L> {
             None => true,
         });
         dropped
+    }
+}
+
+/// Whether a task of `kind` fits beside `running` under `limits`: a full task runs
+/// alone among full tasks, incremental ones share their slots, and the two kinds never
+/// run at the same time.
+fn fits<'a, L: 'a>(
+    running: impl Iterator<Item = &'a Task<L>>,
+    limits: Limits,
+    kind: TaskKind,
+) -> bool {
+    let (mut full, mut incremental) = (0u32, 0u32);
+    for task in running {
+        match task.kind {
+            TaskKind::Full => full = full.saturating_add(1),
+            TaskKind::Incremental => incremental = incremental.saturating_add(1),
+        }
+    }
+    match kind {
+        TaskKind::Full => incremental == 0 && full < limits.max_concurrent_full.get(),
+        TaskKind::Incremental => full == 0 && incremental < limits.max_concurrent_incremental.get(),
     }
 }
 
@@ -1259,5 +1333,172 @@ mod tests {
         fn tasks_queue_and_start_in_due_order(scenario in scenario_strategy()) {
             run(&scenario, check_due_order)?;
         }
+    }
+
+    // ---- groups: the families of one operator ----
+
+    /// Links named "family/link"; the family is the group.
+    fn family_of(link: &&'static str) -> &'static str {
+        link.split_once('/').map_or(*link, |(family, _)| family)
+    }
+
+    fn grouped(limits: Limits, links: &[&'static str]) -> Scheduler<&'static str, &'static str> {
+        let mut s = Scheduler::grouped(limits, family_of);
+        for &link in links {
+            s.set_gates(link, OPEN);
+        }
+        s
+    }
+
+    /// Three families under one operator: their full tasks run one at a time, whatever
+    /// each family allows on its own.
+    #[test]
+    fn families_share_the_operators_full_task_limit() {
+        let mut s = grouped(Limits::default(), &["a/1", "b/1", "c/1"]);
+        for family in ["a", "b", "c"] {
+            s.set_group_limits(family, Some(limits(3, 5)));
+        }
+        let due = ["a/1", "b/1", "c/1"].map(|l| Task::new(l, Full, Scheduled));
+        let decisions: Vec<Decision> = s.tasks_due(due).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(
+            decisions,
+            [Decision::Start, Decision::Queue, Decision::Queue]
+        );
+        for (finished, next) in [("a/1", "b/1"), ("b/1", "c/1")] {
+            let started = s.task_finished(&finished);
+            assert_eq!(started, [Task::new(next, Full, Scheduled)]);
+            assert_eq!(s.running().len(), 1);
+        }
+    }
+
+    /// A family's own limits narrow the operator's for its links only: a task its
+    /// family holds back does not hold up another family's.
+    #[test]
+    fn a_familys_narrower_limits_hold_back_only_its_own_tasks() {
+        let mut s = grouped(Limits::default(), &["a/1", "a/2", "b/1"]);
+        s.set_group_limits("a", Some(limits(1, 1)));
+        let due = ["a/1", "a/2", "b/1"].map(|l| Task::new(l, Incremental, Scheduled));
+        let decisions: Vec<Decision> = s.tasks_due(due).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(
+            decisions,
+            [Decision::Start, Decision::Queue, Decision::Start]
+        );
+        assert_eq!(
+            s.task_finished(&"a/1"),
+            [Task::new("a/2", Incremental, Scheduled)]
+        );
+        // Clearing the family's limits lets the operator's alone hold.
+        let mut s = grouped(Limits::default(), &["a/1", "a/2"]);
+        s.set_group_limits("a", Some(limits(1, 1)));
+        s.tasks_due(["a/1", "a/2"].map(|l| Task::new(l, Incremental, Scheduled)));
+        assert_eq!(s.running().len(), 1);
+        assert_eq!(
+            s.set_group_limits("a", None),
+            [Task::new("a/2", Incremental, Scheduled)]
+        );
+        assert_eq!(s.group_limits(&"a"), None);
+        // The operator's limits still hold over a family's wider ones.
+        let mut s = grouped(limits(1, 2), &["a/1", "a/2", "a/3"]);
+        s.set_group_limits("a", Some(limits(1, 5)));
+        let due = ["a/1", "a/2", "a/3"].map(|l| Task::new(l, Incremental, Scheduled));
+        let decisions: Vec<Decision> = s.tasks_due(due).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(
+            decisions,
+            [Decision::Start, Decision::Start, Decision::Queue]
+        );
+    }
+
+    #[derive(Debug, Clone)]
+    struct GroupedScenario {
+        limits: Limits,
+        /// The own limits of groups 0, 1, 2 (link % 3), where set.
+        groups: [Option<Limits>; 3],
+        events: Vec<Event>,
+    }
+
+    fn grouped_scenario_strategy() -> impl Strategy<Value = GroupedScenario> {
+        let own = || proptest::option::of((1..=2u32, 1..=4u32).prop_map(|(f, i)| limits(f, i)));
+        (
+            1..=3u32,
+            1..=6u32,
+            own(),
+            own(),
+            own(),
+            proptest::collection::vec(event_strategy(), 1..80),
+        )
+            .prop_map(|(full, incremental, g0, g1, g2, events)| GroupedScenario {
+                limits: limits(full, incremental),
+                groups: [g0, g1, g2],
+                events,
+            })
+    }
+
+    fn group_of_link(link: &u8) -> u8 {
+        link % 3
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Over random events with every link open: the overall limits and each group's
+        /// own always hold, and after every event the first queued task that is neither
+        /// on a busy link nor held back by its group alone is held back by the overall
+        /// limits (else it would have started: no task waits for nothing).
+        #[test]
+        fn groups_narrow_the_limits_and_never_hold_up_each_other(scenario in grouped_scenario_strategy()) {
+            let mut s = Scheduler::grouped(scenario.limits, group_of_link);
+            for link in 0..LINKS {
+                s.set_gates(link, OPEN);
+            }
+            for (group, own) in (0u8..).zip(scenario.groups) {
+                s.set_group_limits(group, own);
+            }
+            for event in &scenario.events {
+                match event {
+                    Event::Due(tasks) => { s.tasks_due(tasks.iter().cloned()); }
+                    Event::Finish(link) => { s.task_finished(link); }
+                    // Gates and removal are covered above; here every link stays open.
+                    Event::SetGates(..) | Event::Disable(_) | Event::Remove(_) => {}
+                }
+                let running = s.running().to_vec();
+                prop_assert!(fits_or_at(&running, scenario.limits), "overall: {:?}", running);
+                for (group, own) in (0u8..).zip(scenario.groups) {
+                    let in_group: Vec<Task<u8>> = running.iter().filter(|t| group_of_link(&t.link) == group).cloned().collect();
+                    if let Some(own) = own {
+                        prop_assert!(fits_or_at(&in_group, own), "group {}: {:?}", group, in_group);
+                    }
+                }
+                // Passed over are tasks whose link is busy, and tasks that the overall
+                // limits would let run but their group's do not.
+                let group_room = |t: &Task<u8>| {
+                    scenario.groups[usize::from(group_of_link(&t.link))].is_none_or(|own| {
+                        let in_group: Vec<Task<u8>> = running
+                            .iter()
+                            .filter(|r| group_of_link(&r.link) == group_of_link(&t.link))
+                            .cloned()
+                            .collect();
+                        fits(&in_group, own, t.kind)
+                    })
+                };
+                let first_free = s.queued().iter().find(|t| {
+                    !running.iter().any(|r| r.link == t.link)
+                        && (!fits(&running, scenario.limits, t.kind) || group_room(t))
+                });
+                if let Some(task) = first_free {
+                    prop_assert!(
+                        !fits(&running, scenario.limits, task.kind),
+                        "{:?} waits for nothing beside {:?}", task, running
+                    );
+                }
+            }
+        }
+    }
+
+    /// `running` is within `limits`: full tasks alone, each kind at most its limit.
+    fn fits_or_at(running: &[Task<u8>], limits: Limits) -> bool {
+        let (full, incremental) = (count(running, Full), count(running, Incremental));
+        (full == 0 || incremental == 0)
+            && full <= limits.max_concurrent_full.get()
+            && incremental <= limits.max_concurrent_incremental.get()
     }
 }
