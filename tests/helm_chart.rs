@@ -609,6 +609,7 @@ fn values_change_the_operator_command_line() {
         "leaderElection.enabled=false",
         "logFormat=json",
         "metrics.port=9100",
+        "sync.maxConcurrentIncremental=3",
     ]);
     assert_eq!(
         operator_container(&docs)["image"],
@@ -628,6 +629,9 @@ fn values_change_the_operator_command_line() {
         args.iter().any(|arg| arg == "--metrics-addr=0.0.0.0:9100"),
         "{args:?}"
     );
+    for limit in ["--max-concurrent-full=1", "--max-concurrent-incremental=3"] {
+        assert!(args.iter().any(|arg| arg == limit), "{limit}: {args:?}");
+    }
     assert!(
         leader_election_role(&docs).is_none(),
         "no Lease Role without leader election"

@@ -2,6 +2,7 @@
 
 use crate::api::conditions::{READY, SYNCHRONIZED};
 use crate::api::{Replica, ReplicaFamily};
+use crate::domain::scheduler::Limits;
 use crate::operator::{self, Settings, builders::Image, leader::Election};
 use anyhow::{Context, bail};
 use kube::ResourceExt;
@@ -9,6 +10,7 @@ use kube::api::Api;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 
 /// How log lines look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -53,6 +55,16 @@ pub struct OperatorArgs {
         default_value = "IfNotPresent"
     )]
     pub image_pull_policy: String,
+    /// How many full sync tasks may run at once across every family this operator
+    /// watches. A full task never runs beside an incremental one. A family's
+    /// spec.sync.maxConcurrentFull narrows this for its own links; the smaller wins.
+    #[arg(long, value_name = "N", default_value_t = NonZeroU32::MIN)]
+    pub max_concurrent_full: NonZeroU32,
+    /// How many incremental sync tasks may run at once across every family this
+    /// operator watches. A family's spec.sync.maxConcurrentIncremental narrows this
+    /// for its own links; the smaller wins.
+    #[arg(long, value_name = "N", default_value_t = NonZeroU32::MIN.saturating_add(4))]
+    pub max_concurrent_incremental: NonZeroU32,
 }
 
 /// The flags of `multisite status` (the command's own text is on its subcommand).
@@ -122,6 +134,10 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         election,
         metrics_addr,
         identity,
+        sync_limits: Limits {
+            max_concurrent_full: args.max_concurrent_full,
+            max_concurrent_incremental: args.max_concurrent_incremental,
+        },
     };
     let client = kube_client(operator::USER_AGENT).await?;
     operator::run(client, settings, crate::cmd::replica::shutdown_signal()).await?;

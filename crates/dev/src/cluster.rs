@@ -402,6 +402,7 @@ pub fn operator_settings() -> multisite_operator::Settings {
         election: None,
         metrics_addr: None,
         identity: "multisite-dev".into(),
+        sync_limits: Default::default(),
     }
 }
 

@@ -23,8 +23,9 @@ pub mod sites;
 pub mod sync;
 pub mod upgrade;
 
-use futures::StreamExt;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -79,6 +80,9 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// This process's name in events and the lease.
     pub identity: String,
+    /// How many sync tasks may run at once across all the families this operator
+    /// watches; a family's `spec.sync` limits narrow them for its own links.
+    pub sync_limits: multisite_core::domain::scheduler::Limits,
 }
 
 /// The image this build gives pods by default.
@@ -168,7 +172,14 @@ pub async fn run(
         settings.namespaces.iter().cloned().map(Some).collect()
     };
     tracing::info!(namespaces = ?settings.namespaces, image = %settings.image.reference, "operator running");
-    let mut scope_tasks = Vec::new();
+    // One sync runner for every scope, so that the limits hold across all families.
+    let (scope_ready, ready_scopes) = tokio::sync::mpsc::unbounded_channel();
+    let mut scope_tasks = vec![tokio::spawn(sync::run(
+        ready_scopes,
+        settings.sync_limits,
+        metrics.clone(),
+        stopped.clone(),
+    ))];
     for scope in scopes {
         scope_tasks.push(tokio::spawn(run_scope(
             client.clone(),
@@ -176,6 +187,7 @@ pub async fn run(
             settings.clone(),
             metrics.clone(),
             stopped.clone(),
+            scope_ready.clone(),
         )));
     }
     let lost = async {
@@ -275,6 +287,7 @@ async fn run_scope(
     settings: Settings,
     metrics: Arc<metrics::Metrics>,
     stopped: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::mpsc::UnboundedSender<Arc<context::Ctx>>,
 ) {
     let config = watcher::Config::default();
     // One watch of each kind the controllers read, into a cache; the Replicas' changes go
@@ -351,57 +364,73 @@ async fn run_scope(
         Some(triggers) => families.reconcile_on(triggers),
         None => families,
     };
-    let caches = ctx.caches();
-    let watches = async {
-        tokio::join!(
-            replica_watch,
-            family_watch,
-            site_watch,
-            statefulset_watch,
-            deployment_watch,
-            service_watch,
-            pod_watch,
-        )
-    };
-    let watch_stopped = until_stopped(stopped.clone());
-    let watches = async move {
-        tokio::select! {
-            _ = watches => {}
-            _ = watch_stopped => {}
-        }
-    };
+    // Each watch and each controller is a task of its own: one future holding them all
+    // would be too deep for a worker thread's stack in a debug build.
+    let watches: Vec<BoxFuture<'static, ()>> = vec![
+        replica_watch.boxed(),
+        family_watch.boxed(),
+        site_watch.boxed(),
+        statefulset_watch.boxed(),
+        deployment_watch.boxed(),
+        service_watch.boxed(),
+        pod_watch.boxed(),
+    ];
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = watches
+        .into_iter()
+        .map(|watch| {
+            let stopped = until_stopped(stopped.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = watch => {}
+                    _ = stopped => {}
+                }
+            })
+        })
+        .collect();
     // The controllers and the sync runner start once every cache has loaded: a reconcile
     // on a cache still empty would take a live pod for a missing one.
-    let ready_stopped = until_stopped(stopped.clone());
-    let work = async move {
-        tokio::select! {
-            () = caches.ready() => {}
-            _ = ready_stopped => return,
+    let caches = ctx.caches();
+    tokio::select! {
+        () = caches.ready() => {}
+        _ = until_stopped(stopped.clone()) => {
+            for task in tasks {
+                let _ = task.await;
+            }
+            return;
         }
-        tracing::debug!("caches loaded; controllers start");
-        tokio::join!(
-            replicas
-                .graceful_shutdown_on(until_stopped(stopped.clone()))
-                .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
-                .for_each(|_| std::future::ready(())),
-            families
-                .graceful_shutdown_on(until_stopped(stopped.clone()))
-                .run(families::reconcile, reconcile::error_policy, ctx.clone())
-                .for_each(|_| std::future::ready(())),
-            sites
-                .graceful_shutdown_on(until_stopped(stopped.clone()))
-                .run(sites::reconcile_site, reconcile::error_policy, ctx.clone())
-                .for_each(|_| std::future::ready(())),
-            packages
-                .graceful_shutdown_on(until_stopped(stopped.clone()))
-                .run(
-                    packages::reconcile_package,
-                    reconcile::error_policy,
-                    ctx.clone()
-                )
-                .for_each(|_| std::future::ready(())),
-            sync::run(ctx.clone(), stopped.clone()),
-        );
-    };
-    tokio::join!(watches, work);
+    }
+    tracing::debug!("caches loaded; controllers start");
+    // The sync runner takes this scope's families from now on (a closed channel: the
+    // runner stopped, as everything is stopping).
+    let _ = ready.send(ctx.clone());
+    let controllers: Vec<BoxFuture<'static, ()>> = vec![
+        replicas
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
+            .run(replicas::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(()))
+            .boxed(),
+        families
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
+            .run(families::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(()))
+            .boxed(),
+        sites
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
+            .run(sites::reconcile_site, reconcile::error_policy, ctx.clone())
+            .for_each(|_| std::future::ready(()))
+            .boxed(),
+        packages
+            .graceful_shutdown_on(until_stopped(stopped.clone()))
+            .run(
+                packages::reconcile_package,
+                reconcile::error_policy,
+                ctx.clone(),
+            )
+            .for_each(|_| std::future::ready(()))
+            .boxed(),
+    ];
+    tasks.extend(controllers.into_iter().map(tokio::spawn));
+    for task in tasks {
+        let _ = task.await;
+    }
 }

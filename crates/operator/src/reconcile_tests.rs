@@ -985,3 +985,180 @@ async fn a_schema_package_is_applied_at_the_master_then_each_user_database_upgra
     assert_eq!(status["replicas"][0]["userDatabaseUpgraded"], json!(true));
     assert_eq!(*versions.lock().unwrap(), (2, 2));
 }
+
+/// Push calls seen by the replica stubs of the sync runner test: how many full and
+/// incremental pushes run now, the most full ones seen at once, whether a full push ever
+/// ran beside an incremental one, and the full pushes done.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pushes {
+    full: usize,
+    incremental: usize,
+    most_full: usize,
+    mixed: bool,
+    full_done: usize,
+}
+
+/// A replica of family `family` named `name` on a loopback address of its own, serving
+/// its status (knowing `peer`) and pushes that take 300 ms each.
+async fn syncing_replica(
+    family: &'static str,
+    name: &'static str,
+    peer: &'static str,
+    pushes: Arc<Mutex<Pushes>>,
+) -> String {
+    use axum::routing::{get, post};
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let status = move || async move {
+        let mut report = status_report(name);
+        report["family"] = json!(family);
+        report["peers"] = json!([{"name": peer, "idTag": "p", "active": true,
+                                  "incarnation": 1, "acknowledged": {}}]);
+        axum::Json(report)
+    };
+    let push = move |axum::Json(request): axum::Json<Value>| {
+        let pushes = pushes.clone();
+        async move {
+            let full = request["full"] == json!(true);
+            {
+                let mut p = pushes.lock().unwrap();
+                if full {
+                    p.full += 1;
+                    p.most_full = p.most_full.max(p.full);
+                } else {
+                    p.incremental += 1;
+                }
+                p.mixed |= p.full > 0 && p.incremental > 0;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            {
+                let mut p = pushes.lock().unwrap();
+                if full {
+                    p.full = p.full.saturating_sub(1);
+                    p.full_done += 1;
+                } else {
+                    p.incremental = p.incremental.saturating_sub(1);
+                }
+            }
+            axum::Json(
+                json!({"from": name, "to": peer, "packets": 0, "changesSent": 0,
+                              "applied": 0, "skipped": 0, "held": null, "lag": 0}),
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route(multisite_replica::api::route::STATUS, get(status))
+        .route(multisite_replica::api::route::SYNC_PUSH, post(push));
+    let base = 50 + std::process::id() % 50;
+    let listener = loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < 1000, "no free loopback address for a replica stub");
+        let ip = format!("127.{}.{}.{}", 100 + base, n / 250, 1 + n % 250);
+        if let Ok(listener) =
+            tokio::net::TcpListener::bind(format!("{ip}:{}", builders::API_PORT)).await
+        {
+            break listener;
+        }
+    };
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// Runs the sync runner over three families of two replicas each under `limits`, until
+/// every link has run a full task; returns what the replicas saw.
+async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits) -> Pushes {
+    let pushes = Arc::new(Mutex::new(Pushes::default()));
+    let mut replicas = Vec::new();
+    let mut families = Vec::new();
+    let mut secrets = Vec::new();
+    for (family, [x, y]) in [
+        ("fa", ["fa-x", "fa-y"]),
+        ("fb", ["fb-x", "fb-y"]),
+        ("fc", ["fc-x", "fc-y"]),
+    ] {
+        let mut f = ReplicaFamily::new(family, ReplicaFamilySpec::new("F", 7));
+        f.metadata.namespace = Some(NS.into());
+        f.metadata.uid = Some(format!("uid-{family}"));
+        let value = multisite_replica::secret::generate().unwrap();
+        secrets.push((
+            format!("/api/v1/namespaces/{NS}/secrets/{family}-secret"),
+            serde_json::to_value(builders::family_secret(&f, &value)).unwrap(),
+        ));
+        families.push(f);
+        for (name, peer) in [(x, y), (y, x)] {
+            let url = syncing_replica(family, name, peer, pushes.clone()).await;
+            let mut r = Replica::new(
+                name,
+                ReplicaSpec {
+                    family: family.into(),
+                    site: "tokyo".into(),
+                    storage: "1Gi".into(),
+                    bootstrap_from: None,
+                    resources: None,
+                },
+            );
+            r.metadata.namespace = Some(NS.into());
+            r.status = Some(multisite_core::api::ReplicaStatus {
+                phase: Some(multisite_core::api::ReplicaPhase::Active),
+                endpoint: Some(url),
+                ..Default::default()
+            });
+            replicas.push(r);
+        }
+    }
+    let api = ScriptedApi::start(move |p| {
+        secrets
+            .iter()
+            .find(|(path, _)| path == p)
+            .map(|(_, s)| s.clone())
+    })
+    .await;
+    let ctx = context_with(&api, stores(replicas, families, vec![site()]));
+    let (scopes, ready) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(super::sync::run(
+        ready,
+        limits,
+        Arc::new(metrics::Metrics::default()),
+        stopped,
+    ));
+    scopes.send(ctx).unwrap();
+    let started = std::time::Instant::now();
+    while pushes.lock().unwrap().full_done < 6 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "not every link ran a full task"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    *pushes.lock().unwrap()
+}
+
+/// The operator's limit on full tasks holds across its families: three families whose
+/// own limits allow one full task each never run two at once under the default limits,
+/// and do run side by side once the operator allows three. A full task never runs
+/// beside an incremental one.
+#[tokio::test]
+async fn three_families_never_run_more_full_tasks_than_the_operator_allows() {
+    use multisite_core::domain::scheduler::Limits;
+    let one = three_families_synced(Limits::default()).await;
+    assert_eq!(
+        one.most_full, 1,
+        "full tasks at once under the default limits"
+    );
+    assert!(!one.mixed, "a full task ran beside an incremental one");
+    let three = three_families_synced(Limits {
+        max_concurrent_full: std::num::NonZeroU32::new(3).unwrap(),
+        ..Limits::default()
+    })
+    .await;
+    assert!(
+        three.most_full > 1,
+        "the families' full tasks never ran side by side: {}",
+        three.most_full
+    );
+    assert!(three.most_full <= 3);
+    assert!(!three.mixed);
+}

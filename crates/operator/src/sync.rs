@@ -2,12 +2,17 @@
 //! task scheduler on the family's timetable. Each task asks the sending replica to push
 //! to the receiving one; the data goes from pod to pod, never through the operator.
 //!
+//! One runner serves every family the operator watches, in every watched namespace,
+//! with one scheduler: the operator's limits (one full task, or up to five incremental
+//! ones, by default) hold across all families, and a family's `spec.sync` limits narrow
+//! them for its own links.
+//!
 //! What it keeps in memory (the scheduler's queue, when each link's tasks last came
 //! due) is rebuilt after a restart: every link is checked again and gets its tasks at
 //! once, which is harmless because a push sends only what the receiver lacks.
 
 use super::context::{Ctx, FamilyKey};
-use super::metrics::Outcome;
+use super::metrics::{Metrics, Outcome};
 use kube::ResourceExt;
 use multisite_core::api::ReplicaPhase;
 use multisite_core::api::{LinkStatus, ReplicaFamily, Topology as SpecTopology};
@@ -49,8 +54,16 @@ struct LinkState {
     error: Option<String>,
 }
 
+/// A link of one family: the scheduler's key across the operator's families.
+type FamilyLink = (FamilyKey, Link);
+
+fn family_of(link: &FamilyLink) -> FamilyKey {
+    link.0.clone()
+}
+
 struct FamilySync {
-    scheduler: Scheduler<Link>,
+    /// The watch scope the family is in.
+    ctx: Arc<Ctx>,
     last_due: BTreeMap<Link, LastDue>,
     checked: BTreeSet<Link>,
     checking: BTreeSet<Link>,
@@ -120,17 +133,38 @@ pub fn epoch_lag(sender: &BTreeMap<String, i64>, receiver: &BTreeMap<String, i64
         .fold(0i64, i64::saturating_add)
 }
 
-/// Runs the sync runner until `stop` says so.
-pub async fn run(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// The scheduler of all the operator's links and what the runner keeps of each family.
+struct Runner {
+    scheduler: Scheduler<FamilyLink, FamilyKey>,
+    families: HashMap<FamilyKey, FamilySync>,
+    metrics: Arc<Metrics>,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+/// Runs the sync runner until `stop` says so: over the families of every scope whose
+/// context arrives on `scopes` (each once its caches have loaded), under `limits`.
+pub async fn run(
+    mut scopes: mpsc::UnboundedReceiver<Arc<Ctx>>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut families: HashMap<FamilyKey, FamilySync> = HashMap::new();
+    let mut runner = Runner {
+        scheduler: Scheduler::grouped(limits, family_of),
+        families: HashMap::new(),
+        metrics,
+        done: done_tx,
+    };
+    let mut contexts: Vec<Arc<Ctx>> = Vec::new();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            _ = ticker.tick() => tick(&ctx, &mut families, &done_tx),
-            Some(done) = done_rx.recv() => finished(&ctx, &mut families, &done_tx, done),
+            Some(ctx) = scopes.recv() => contexts.push(ctx),
+            _ = ticker.tick() => runner.tick(&contexts),
+            Some(done) = done_rx.recv() => runner.finished(done),
         }
     }
 }
@@ -142,107 +176,205 @@ fn epoch_seconds() -> u64 {
         .unwrap_or(0)
 }
 
-fn tick(
-    ctx: &Arc<Ctx>,
-    families: &mut HashMap<FamilyKey, FamilySync>,
-    done: &mpsc::UnboundedSender<Done>,
-) {
-    let now = epoch_seconds();
-    let mut manual = ctx.take_manual();
-    let mut seen = BTreeSet::new();
-    for family in ctx.families.state() {
-        let key: FamilyKey = (family.namespace().unwrap_or_default(), family.name_any());
-        if family.metadata.deletion_timestamp.is_some() {
-            continue;
+impl Runner {
+    fn tick(&mut self, contexts: &[Arc<Ctx>]) {
+        let mut seen = BTreeSet::new();
+        // Every family's tasks that come due now, decided together: the scheduler takes
+        // an instant's full tasks first, across all families.
+        let mut due = Vec::new();
+        for ctx in contexts {
+            self.tick_scope(ctx, &mut seen, &mut due);
         }
-        seen.insert(key.clone());
-        let limits = limits_of(&family);
-        let fs = families.entry(key.clone()).or_insert_with(|| FamilySync {
-            scheduler: Scheduler::new(limits),
-            last_due: BTreeMap::new(),
-            checked: BTreeSet::new(),
-            checking: BTreeSet::new(),
-            state: BTreeMap::new(),
-            endpoints: BTreeMap::new(),
-        });
-        let mut start: Vec<Task<Link>> = Vec::new();
-        if fs.scheduler.limits() != limits {
-            start.extend(fs.scheduler.set_limits(limits));
+        let mut start = Vec::new();
+        for (task, decision) in self.scheduler.tasks_due(due) {
+            match decision {
+                Decision::Start => start.push(task),
+                Decision::Queue => {
+                    tracing::debug!(family = %task.link.0.1, link = %task.link.1, kind = ?task.kind, "task queued")
+                }
+                Decision::Drop(reason) => {
+                    tracing::debug!(family = %task.link.0.1, link = %task.link.1, kind = ?task.kind, %reason, "task dropped")
+                }
+            }
         }
-        fs.endpoints = ctx
-            .members(&key.0, &key.1)
-            .iter()
-            .filter_map(|r| {
-                let status = r.status.as_ref()?;
-                let phase = status.phase?;
-                matches!(phase, ReplicaPhase::Active | ReplicaPhase::Removing)
-                    .then(|| (r.name_any(), status.endpoint.clone()))
-                    .and_then(|(n, e)| e.map(|e| (n, e)))
-            })
-            .collect();
-        let wanted = match family_links(&family, &fs.endpoints) {
-            Ok(wanted) => {
-                ctx.set_topology_error(key.clone(), None);
-                wanted
-            }
-            Err(e) => {
-                ctx.set_topology_error(key.clone(), Some(e.to_string()));
-                BTreeMap::new()
-            }
-        };
-        let gone: Vec<Link> = fs
-            .state
+        self.spawn_tasks(start);
+        for (key, fs) in &self.families {
+            publish(&self.scheduler, key, fs);
+        }
+        let gone: Vec<FamilyKey> = self
+            .families
             .keys()
-            .filter(|l| !wanted.contains_key(*l))
+            .filter(|key| !seen.contains(*key))
             .cloned()
             .collect();
-        for link in gone {
-            start.extend(fs.scheduler.remove_link(&link).started);
-            fs.state.remove(&link);
-            fs.last_due.remove(&link);
-            fs.checked.remove(&link);
+        for key in gone {
+            self.forget(&key);
         }
-        let timetable = timetable_of(&family);
-        // An all-at-once upgrade between its pause and resume steps: no task starts.
-        let paused = family
-            .status
-            .as_ref()
-            .and_then(|s| s.plan.as_ref())
-            .is_some_and(|p| p.sync_paused);
-        let mut due = Vec::new();
-        for (link, settings) in &wanted {
-            fs.state.entry(link.clone()).or_default();
-            let gates = LinkGates {
-                enabled: settings.enabled,
-                automatic: settings.automatic,
-                integrity_checked: fs.checked.contains(link),
+        let families = &self.families;
+        self.metrics.retain_links(|labels| {
+            families
+                .get(&(labels[0].clone(), labels[1].clone()))
+                .is_some_and(|fs| fs.state.contains_key(&Link::new(&labels[2], &labels[3])))
+        });
+    }
+
+    /// Forgets a family that is gone: its links leave the scheduler (a running task
+    /// still holds its slot until it ends) and its own limits go.
+    fn forget(&mut self, key: &FamilyKey) {
+        let links: Vec<Link> = self
+            .families
+            .get(key)
+            .map(|fs| fs.state.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut start = Vec::new();
+        for link in links {
+            start.extend(self.scheduler.remove_link(&(key.clone(), link)).started);
+        }
+        start.extend(self.scheduler.set_group_limits(key.clone(), None));
+        self.families.remove(key);
+        self.spawn_tasks(start);
+    }
+
+    /// Starts tasks the scheduler started, each with its family's scope and addresses.
+    fn spawn_tasks(&self, tasks: Vec<Task<FamilyLink>>) {
+        for task in tasks {
+            let (family, link) = task.link.clone();
+            match self.families.get(&family) {
+                Some(fs) => spawn_task(
+                    &fs.ctx,
+                    family,
+                    Task::new(link, task.kind, task.trigger),
+                    &fs.endpoints,
+                    &self.done,
+                ),
+                // Its family is gone: the task ends at once, freeing its slot.
+                None => {
+                    let _ = self.done.send(Done::Task {
+                        family,
+                        link,
+                        kind: task.kind,
+                        took: Duration::ZERO,
+                        result: Err("the family is gone".into()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Brings one scope's families up to date: their limits, links and gates; the
+    /// tasks that come due go into `due`.
+    fn tick_scope(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        seen: &mut BTreeSet<FamilyKey>,
+        due: &mut Vec<Task<FamilyLink>>,
+    ) {
+        let now = epoch_seconds();
+        let mut manual = ctx.take_manual();
+        for family in ctx.families.state() {
+            let key: FamilyKey = (family.namespace().unwrap_or_default(), family.name_any());
+            if family.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            seen.insert(key.clone());
+            let limits = limits_of(&family);
+            let mut start: Vec<Task<FamilyLink>> = Vec::new();
+            if self.scheduler.group_limits(&key) != Some(limits) {
+                start.extend(self.scheduler.set_group_limits(key.clone(), Some(limits)));
+            }
+            let fs = self
+                .families
+                .entry(key.clone())
+                .or_insert_with(|| FamilySync {
+                    ctx: ctx.clone(),
+                    last_due: BTreeMap::new(),
+                    checked: BTreeSet::new(),
+                    checking: BTreeSet::new(),
+                    state: BTreeMap::new(),
+                    endpoints: BTreeMap::new(),
+                });
+            fs.endpoints = ctx
+                .members(&key.0, &key.1)
+                .iter()
+                .filter_map(|r| {
+                    let status = r.status.as_ref()?;
+                    let phase = status.phase?;
+                    matches!(phase, ReplicaPhase::Active | ReplicaPhase::Removing)
+                        .then(|| (r.name_any(), status.endpoint.clone()))
+                        .and_then(|(n, e)| e.map(|e| (n, e)))
+                })
+                .collect();
+            let wanted = match family_links(&family, &fs.endpoints) {
+                Ok(wanted) => {
+                    ctx.set_topology_error(key.clone(), None);
+                    wanted
+                }
+                Err(e) => {
+                    ctx.set_topology_error(key.clone(), Some(e.to_string()));
+                    BTreeMap::new()
+                }
             };
-            if fs.scheduler.gates(link) != Some(gates) {
-                let changed = fs.scheduler.set_gates(link.clone(), gates);
-                start.extend(changed.started);
-                for (task, reason) in changed.dropped {
-                    tracing::debug!(link = %task.link, %reason, "queued task dropped");
-                }
+            let gone: Vec<Link> = fs
+                .state
+                .keys()
+                .filter(|l| !wanted.contains_key(*l))
+                .cloned()
+                .collect();
+            for link in gone {
+                start.extend(
+                    self.scheduler
+                        .remove_link(&(key.clone(), link.clone()))
+                        .started,
+                );
+                fs.state.remove(&link);
+                fs.last_due.remove(&link);
+                fs.checked.remove(&link);
             }
-            if settings.enabled && !gates.integrity_checked && !fs.checking.contains(link) {
-                fs.checking.insert(link.clone());
-                spawn_check(ctx, key.clone(), link.clone(), &fs.endpoints, done);
-            }
-            // Only links that may run on their own come due; others wait for a person.
-            if gates.refusal(Trigger::Scheduled).is_none() && !paused {
-                let last = fs.last_due.get(link).copied().unwrap_or_default();
-                let now_due = timetable.due_at(last, now);
-                let entry = fs.last_due.entry(link.clone()).or_default();
-                for kind in now_due.kinds {
-                    match kind {
-                        TaskKind::Full => entry.full = Some(now),
-                        TaskKind::Incremental => entry.incremental = Some(now),
+            let timetable = timetable_of(&family);
+            // An all-at-once upgrade between its pause and resume steps: no task starts.
+            let paused = family
+                .status
+                .as_ref()
+                .and_then(|s| s.plan.as_ref())
+                .is_some_and(|p| p.sync_paused);
+            for (link, settings) in &wanted {
+                fs.state.entry(link.clone()).or_default();
+                let gates = LinkGates {
+                    enabled: settings.enabled,
+                    automatic: settings.automatic,
+                    integrity_checked: fs.checked.contains(link),
+                };
+                let family_link = (key.clone(), link.clone());
+                if self.scheduler.gates(&family_link) != Some(gates) {
+                    let changed = self.scheduler.set_gates(family_link, gates);
+                    start.extend(changed.started);
+                    for (task, reason) in changed.dropped {
+                        tracing::debug!(link = %task.link.1, %reason, "queued task dropped");
                     }
-                    due.push(Task::new(link.clone(), kind, Trigger::Scheduled));
+                }
+                if settings.enabled && !gates.integrity_checked && !fs.checking.contains(link) {
+                    fs.checking.insert(link.clone());
+                    spawn_check(ctx, key.clone(), link.clone(), &fs.endpoints, &self.done);
+                }
+                // Only links that may run on their own come due; others wait for a person.
+                if gates.refusal(Trigger::Scheduled).is_none() && !paused {
+                    let last = fs.last_due.get(link).copied().unwrap_or_default();
+                    let now_due = timetable.due_at(last, now);
+                    let entry = fs.last_due.entry(link.clone()).or_default();
+                    for kind in now_due.kinds {
+                        match kind {
+                            TaskKind::Full => entry.full = Some(now),
+                            TaskKind::Incremental => entry.incremental = Some(now),
+                        }
+                        due.push(Task::new(
+                            (key.clone(), link.clone()),
+                            kind,
+                            Trigger::Scheduled,
+                        ));
+                    }
                 }
             }
-        }
-        manual.retain(|request| {
+            manual.retain(|request| {
             if request.family != key {
                 return true;
             }
@@ -256,38 +388,23 @@ fn tick(
                     .as_ref()
                     .is_none_or(|(f, t)| *f == link.from && *t == link.to);
                 if wanted_link {
-                    due.push(Task::new(link.clone(), request.kind, Trigger::Manual));
+                    due.push(Task::new(
+                        (key.clone(), link.clone()),
+                        request.kind,
+                        Trigger::Manual,
+                    ));
                 }
             }
             false
         });
-        for (task, decision) in fs.scheduler.tasks_due(due) {
-            match decision {
-                Decision::Start => start.push(task),
-                Decision::Queue => {
-                    tracing::debug!(link = %task.link, kind = ?task.kind, "task queued")
-                }
-                Decision::Drop(reason) => {
-                    tracing::debug!(link = %task.link, kind = ?task.kind, %reason, "task dropped")
-                }
-            }
+            self.spawn_tasks(start);
         }
-        for task in start {
-            spawn_task(ctx, key.clone(), task, &fs.endpoints, done);
-        }
-        publish(ctx, &key, fs);
     }
-    families.retain(|key, _| seen.contains(key));
-    ctx.metrics.retain_links(|labels| {
-        seen.contains(&(labels[0].clone(), labels[1].clone()))
-            && families
-                .get(&(labels[0].clone(), labels[1].clone()))
-                .is_some_and(|fs| fs.state.contains_key(&Link::new(&labels[2], &labels[3])))
-    });
 }
 
 /// Hands the links' state to the family controller and the metrics.
-fn publish(ctx: &Ctx, key: &FamilyKey, fs: &FamilySync) {
+fn publish(scheduler: &Scheduler<FamilyLink, FamilyKey>, key: &FamilyKey, fs: &FamilySync) {
+    let ctx = &fs.ctx;
     let members = ctx.members(&key.0, &key.1);
     let statuses_by_name: BTreeMap<String, &multisite_core::api::ReplicaStatus> = members
         .iter()
@@ -327,7 +444,7 @@ fn publish(ctx: &Ctx, key: &FamilyKey, fs: &FamilySync) {
                 last_task_time: state.last_task_time.clone(),
                 lag_changes: lag,
                 held_packets: held,
-                running: fs.scheduler.running_on(link).is_some(),
+                running: scheduler.running_on(&(key.clone(), link.clone())).is_some(),
                 error: state.error.clone(),
             }
         })
@@ -335,75 +452,74 @@ fn publish(ctx: &Ctx, key: &FamilyKey, fs: &FamilySync) {
     ctx.set_links(key.clone(), statuses);
 }
 
-fn finished(
-    ctx: &Arc<Ctx>,
-    families: &mut HashMap<FamilyKey, FamilySync>,
-    done: &mpsc::UnboundedSender<Done>,
-    report: Done,
-) {
-    match report {
-        Done::Check {
-            family,
-            link,
-            result,
-        } => {
-            let Some(fs) = families.get_mut(&family) else {
-                return;
-            };
-            fs.checking.remove(&link);
-            let state = fs.state.entry(link.clone()).or_default();
-            match result {
-                Ok(()) => {
-                    fs.checked.insert(link);
-                    state.error = None;
-                }
-                Err(e) => {
-                    tracing::warn!(%link, error = %e, "link integrity check failed");
-                    state.error = Some(format!("integrity check: {e}"));
+impl Runner {
+    fn finished(&mut self, report: Done) {
+        match report {
+            Done::Check {
+                family,
+                link,
+                result,
+            } => {
+                let Some(fs) = self.families.get_mut(&family) else {
+                    return;
+                };
+                fs.checking.remove(&link);
+                let state = fs.state.entry(link.clone()).or_default();
+                match result {
+                    Ok(()) => {
+                        fs.checked.insert(link);
+                        state.error = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%link, error = %e, "link integrity check failed");
+                        state.error = Some(format!("integrity check: {e}"));
+                    }
                 }
             }
-        }
-        Done::Task {
-            family,
-            link,
-            kind,
-            took,
-            result,
-        } => {
-            let outcome = if result.is_ok() {
-                Outcome::Succeeded
-            } else {
-                Outcome::Failed
-            };
-            ctx.metrics.task(
-                [&family.0, &family.1, &link.from, &link.to],
-                &kind_name(kind).to_lowercase(),
-                outcome,
+            Done::Task {
+                family,
+                link,
+                kind,
                 took,
-            );
-            let Some(fs) = families.get_mut(&family) else {
-                return;
-            };
-            let state = fs.state.entry(link.clone()).or_default();
-            state.last_task = Some(kind);
-            state.last_task_time = Some(k8s_openapi::jiff::Timestamp::now().to_string());
-            match result {
-                Ok(report) => {
-                    state.lag = i64::try_from(report.lag).unwrap_or(i64::MAX);
-                    state.error = None;
-                    tracing::debug!(%link, ?kind, sent = report.changes_sent, lag = report.lag, "task finished");
+                result,
+            } => {
+                let outcome = if result.is_ok() {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::Failed
+                };
+                self.metrics.task(
+                    [&family.0, &family.1, &link.from, &link.to],
+                    &kind_name(kind).to_lowercase(),
+                    outcome,
+                    took,
+                );
+                let started = self
+                    .scheduler
+                    .task_finished(&(family.clone(), link.clone()));
+                if let Some(fs) = self.families.get_mut(&family) {
+                    let state = fs.state.entry(link.clone()).or_default();
+                    state.last_task = Some(kind);
+                    state.last_task_time = Some(k8s_openapi::jiff::Timestamp::now().to_string());
+                    match result {
+                        Ok(report) => {
+                            state.lag = i64::try_from(report.lag).unwrap_or(i64::MAX);
+                            state.error = None;
+                            tracing::debug!(%link, ?kind, sent = report.changes_sent, lag = report.lag, "task finished");
+                        }
+                        Err(e) => {
+                            tracing::warn!(%link, ?kind, error = %e, "task failed");
+                            state.error = Some(e);
+                            // Check the link again before it runs on its own.
+                            fs.checked.remove(&link);
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(%link, ?kind, error = %e, "task failed");
-                    state.error = Some(e);
-                    // Check the link again before it runs on its own.
-                    fs.checked.remove(&link);
+                self.spawn_tasks(started);
+                if let Some(fs) = self.families.get(&family) {
+                    publish(&self.scheduler, &family, fs);
                 }
             }
-            for task in fs.scheduler.task_finished(&link) {
-                spawn_task(ctx, family.clone(), task, &fs.endpoints, done);
-            }
-            publish(ctx, &family, fs);
         }
     }
 }
