@@ -304,6 +304,78 @@ fn moving_a_users_mastership_moves_the_workspace_items_they_created() {
     assert_converged(f, &[tokyo, paris]);
 }
 
+/// Workspace items follow the ordinary rule: one whose mastership was moved on its own
+/// (so that users elsewhere can change it) is changed at its new master although its
+/// owner's user record stays where it was; one without an owner is changed at its master.
+#[test]
+fn a_moved_workspace_item_is_changed_at_its_new_master_and_an_ownerless_one_at_its_master() {
+    let t = three("workspace-rule", 7);
+    let f = &t.family;
+    let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
+    let create = |args: &[&str]| -> String {
+        let mut all = vec!["records", "create", "--replica", tokyo];
+        all.extend_from_slice(args);
+        f.cli_ok(&all).trim().to_string()
+    };
+    assert_eq!(create(&["--kind", "user", "--owner", "alice"]), "alice");
+    let query = create(&[
+        "--kind",
+        "workspace-item",
+        "--type",
+        "query",
+        "--owner",
+        "alice",
+    ]);
+    let ownerless = create(&["--kind", "workspace-item", "--type", "report"]);
+    let edit = |url: &str, id: &str, value: &str| {
+        f.cli(&[
+            "records",
+            "update",
+            "--replica",
+            url,
+            "--kind",
+            "workspace-item",
+            id,
+            "--field",
+            &format!("name={value}"),
+        ])
+    };
+    let out = edit(tokyo, &ownerless, "edited at its master");
+    assert!(out.status.success(), "ownerless: {}", text(&out.stderr));
+
+    f.push(tokyo, paris);
+    f.cli_ok(&[
+        "mastership",
+        "move",
+        "--replica",
+        tokyo,
+        "--kind",
+        "workspace-item",
+        &query,
+        "--to",
+        "paris",
+    ]);
+    f.push(tokyo, paris);
+    let out = edit(paris, &query, "edited at its new master");
+    assert!(
+        out.status.success(),
+        "alice's query at paris, her user record at tokyo: {}",
+        text(&out.stderr)
+    );
+    let out = edit(tokyo, &query, "edited at the old master");
+    assert!(
+        !out.status.success(),
+        "tokyo changed the query after the move"
+    );
+    assert!(text(&out.stderr).contains("paris"), "{}", text(&out.stderr));
+    f.push(paris, tokyo);
+    let at_tokyo = f
+        .get(tokyo, "workspace-item", &query)
+        .expect("the query at tokyo");
+    assert_eq!(at_tokyo["fields"]["name"], "edited at its new master");
+    assert_converged(f, &[tokyo, paris]);
+}
+
 #[test]
 fn feature_level_raise_holds_newer_packets_until_the_receiver_is_upgraded() {
     let f = Family::new("feature-levels");

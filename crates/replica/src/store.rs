@@ -601,19 +601,6 @@ impl Store {
             }
             version = existing.version + 1;
         }
-        // A workspace item is made where its owner's user record is mastered.
-        if kind == ItemKind::WorkspaceItem
-            && let Some(owner) = owner
-            && let Some(user) = self.get_item(ItemKind::User, owner)?
-            && user.master != self.identity.replica
-        {
-            return Err(StoreError::Refused(
-                mastership::Refusal::UserMasteredElsewhere {
-                    user: owner.to_string(),
-                    master: Master::At(user.master),
-                },
-            ));
-        }
         let item = ItemState {
             kind,
             id,
@@ -653,27 +640,11 @@ impl Store {
         }
     }
 
-    /// Refuses `action` on `item` unless this replica may do it.
+    /// Refuses `action` on `item` unless this replica may do it: it masters the item.
+    /// (No route does a user's own task, the one kind that also needs the user's record
+    /// mastered here.)
     fn check(&self, action: &Action, item: &ItemState) -> Result<()> {
-        let actor = match (item.kind, &item.owner) {
-            (ItemKind::WorkspaceItem, Some(owner)) => {
-                let user_master = self
-                    .get_item(ItemKind::User, owner)?
-                    .map(|u| Master::At(u.master))
-                    .unwrap_or_else(|| Master::At(self.identity.replica.clone()));
-                Some(mastership::ActorView {
-                    user: owner.clone(),
-                    user_master,
-                })
-            }
-            _ => None,
-        };
-        mastership::check(
-            action,
-            &Self::view(item),
-            &self.identity.replica,
-            actor.as_ref(),
-        )?;
+        mastership::check(action, &Self::view(item), &self.identity.replica, None)?;
         Ok(())
     }
 
@@ -731,15 +702,7 @@ impl Store {
         let item = self.existing(kind, id)?;
         let action = Action::MoveMastership { to: to.to_string() };
         // A workspace item moves with its owner or on an explicit request at its master.
-        mastership::check(
-            &action,
-            &Self::view(&item),
-            &self.identity.replica,
-            Some(&mastership::ActorView {
-                user: item.owner.clone().unwrap_or_default(),
-                user_master: Master::At(self.identity.replica.clone()),
-            }),
-        )?;
+        self.check(&action, &item)?;
         if !self.peers()?.iter().any(|p| p.name == to && p.active) {
             return Err(StoreError::Invalid(format!(
                 "replica {to} is not an active member of family {}",

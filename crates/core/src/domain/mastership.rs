@@ -14,10 +14,12 @@
 //! than its view, so packets that arrive late, twice or out of order cannot bring
 //! back an old master.
 //!
-//! A workspace item change also needs the acting user's own user record mastered
-//! here: such tasks are only allowed while logged in at the replica that masters
-//! your user record. Moving a user record's mastership carries along the workspace
-//! items that user created and that the same replica masters.
+//! A workspace item follows the ordinary rule: it is changed at its master, whoever
+//! owns it, and an item without an owner too. A few tasks of a user's own are only
+//! allowed while logged in at the replica that masters that user's record ([`UserTask`],
+//! the vendor's list: changing one's user profile, saving query defaults, assigning
+//! startup queries, adding favourites). Moving a user record's mastership carries
+//! along the workspace items that user created and that the same replica masters.
 //!
 //! A forced takeover, for a master that is gone for good, needs an explicit force
 //! request and a master known to be removed; an unreachable replica may still be
@@ -185,6 +187,31 @@ pub enum Operation {
         force: bool,
         master_status: ReplicaStatus,
     },
+    /// A task of the logged-in user's own, about the item (a query made the user's
+    /// default or startup query, an item added to the user's favourites): it reads the
+    /// item and changes what the user's record holds.
+    UserTask(UserTask),
+}
+
+/// The tasks only allowed while logged in at the replica that masters one's own user
+/// record (the vendor's list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UserTask {
+    ChangeProfile,
+    SaveQueryDefaults,
+    AssignStartupQueries,
+    AddFavourite,
+}
+
+impl fmt::Display for UserTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UserTask::ChangeProfile => "changing your user profile",
+            UserTask::SaveQueryDefaults => "saving query defaults",
+            UserTask::AssignStartupQueries => "assigning startup queries",
+            UserTask::AddFavourite => "adding favourites",
+        })
+    }
 }
 
 impl Operation {
@@ -226,18 +253,14 @@ pub enum Refusal {
         from: String,
         to: String,
     },
-    #[error(
-        "{kind} {item} is mastered here at replica {master}, but only a user logged in at the replica that masters their user record can change it"
-    )]
-    NoUser {
-        kind: ItemKind,
-        item: String,
-        master: String,
+    #[error("{task} needs a logged-in user")]
+    NoUser { task: UserTask },
+    #[error("the user record of {user} is mastered at {master}; log in there for {task}")]
+    UserMasteredElsewhere {
+        user: String,
+        master: Master,
+        task: UserTask,
     },
-    #[error(
-        "the user record of {user} is mastered at {master}; log in there to change your workspace items"
-    )]
-    UserMasteredElsewhere { user: String, master: Master },
     #[error("{kind} {item} is already mastered at replica {master}")]
     AlreadyMastered {
         kind: ItemKind,
@@ -275,6 +298,9 @@ pub fn check(
     if op.is_read() {
         return Ok(());
     }
+    if let Operation::UserTask(task) = op {
+        return check_user_task(*task, here, actor);
+    }
     if let Operation::TakeOver {
         force,
         master_status,
@@ -309,22 +335,23 @@ pub fn check(
             master: here.to_owned(),
         });
     }
-    if kind == ItemKind::WorkspaceItem {
-        let Some(actor) = actor else {
-            return Err(Refusal::NoUser {
-                kind,
-                item: id,
-                master: here.to_owned(),
-            });
-        };
-        if !actor.user_master.is_at(here) {
-            return Err(Refusal::UserMasteredElsewhere {
-                user: actor.user.clone(),
-                master: actor.user_master.clone(),
-            });
-        }
-    }
     Ok(())
+}
+
+/// A user's own task: allowed where that user's record is mastered, whatever the item.
+fn check_user_task(task: UserTask, here: &str, actor: Option<&ActorView>) -> Result<(), Refusal> {
+    let Some(actor) = actor else {
+        return Err(Refusal::NoUser { task });
+    };
+    if actor.user_master.is_at(here) {
+        Ok(())
+    } else {
+        Err(Refusal::UserMasteredElsewhere {
+            user: actor.user.clone(),
+            master: actor.user_master.clone(),
+            task,
+        })
+    }
 }
 
 fn check_takeover(
@@ -631,46 +658,79 @@ mod tests {
         assert_eq!(item.master, at(HERE));
     }
 
+    /// Workspace items follow the ordinary rule: changed at their master, whoever owns
+    /// them (a moved item at its new master, an item without owner at its master).
     #[test]
-    fn changing_a_workspace_item_needs_the_actors_user_record_mastered_here() {
-        let query = view(ItemKind::WorkspaceItem, at(HERE));
-        assert!(
-            check(
-                &Operation::Edit,
-                &query,
-                HERE,
-                Some(&actor_mastered_at(HERE))
-            )
-            .is_ok()
-        );
-        let refusal = check(
-            &Operation::Edit,
-            &query,
-            HERE,
-            Some(&actor_mastered_at(OTHER)),
-        );
-        assert!(matches!(
-            &refusal,
-            Err(Refusal::UserMasteredElsewhere { .. })
-        ));
-        assert!(
-            refusal
-                .map_err(|r| r.to_string())
-                .is_err_and(|m| m.contains(OTHER))
-        );
-        let moving = ActorView {
-            user: "alice".to_owned(),
-            user_master: Master::InTransit {
-                from: HERE.to_owned(),
-                to: OTHER.to_owned(),
-            },
-        };
-        assert!(check(&Operation::Rename, &query, HERE, Some(&moving)).is_err());
-        assert!(matches!(
-            check(&Operation::Delete, &query, HERE, None),
-            Err(Refusal::NoUser { .. })
-        ));
-        assert!(check(&Operation::Read, &query, HERE, None).is_ok());
+    fn a_workspace_item_is_changed_at_its_master_whoever_owns_it() {
+        let changes = [
+            Operation::Modify,
+            Operation::Edit,
+            Operation::Rename,
+            Operation::Delete,
+            Operation::Move,
+            Operation::ChangeState,
+        ];
+        let owned = ItemView::created("q", ItemKind::WorkspaceItem, HERE, Some("alice"));
+        let ownerless = ItemView::created("r", ItemKind::WorkspaceItem, HERE, None);
+        let elsewhere = Some(&actor_mastered_at(OTHER));
+        for op in &changes {
+            // The owner's user record elsewhere, or nobody logged in: still its master's.
+            assert!(check(op, &owned, HERE, elsewhere).is_ok(), "{op:?}");
+            assert!(check(op, &owned, HERE, None).is_ok(), "{op:?}");
+            assert!(check(op, &ownerless, HERE, None).is_ok(), "{op:?}");
+            assert!(
+                matches!(
+                    check(op, &owned, OTHER, None),
+                    Err(Refusal::RemoteMaster { .. })
+                ),
+                "{op:?}"
+            );
+        }
+        // Moved on its own to OTHER: changed there, not here any more.
+        let mut moved = owned.clone();
+        let mv = move_mastership(&mut moved, HERE, OTHER, None).expect("a move");
+        assert!(check(&Operation::Edit, &moved, HERE, None).is_err());
+        let mut at_other = owned;
+        at_other.import_move(&mv);
+        assert!(check(&Operation::Edit, &at_other, OTHER, elsewhere).is_ok());
+    }
+
+    /// A user's own tasks need that user logged in at the replica that masters their
+    /// user record, wherever the item they concern is mastered.
+    #[test]
+    fn a_users_own_tasks_need_their_user_record_mastered_here() {
+        let query = view(ItemKind::WorkspaceItem, at(OTHER));
+        for task in [
+            UserTask::ChangeProfile,
+            UserTask::SaveQueryDefaults,
+            UserTask::AssignStartupQueries,
+            UserTask::AddFavourite,
+        ] {
+            let op = Operation::UserTask(task);
+            assert!(check(&op, &query, HERE, Some(&actor_mastered_at(HERE))).is_ok());
+            let refusal = check(&op, &query, HERE, Some(&actor_mastered_at(OTHER)));
+            assert!(
+                matches!(&refusal, Err(Refusal::UserMasteredElsewhere { .. })),
+                "{task}"
+            );
+            assert!(
+                refusal
+                    .map_err(|r| r.to_string())
+                    .is_err_and(|m| m.contains(OTHER) && m.contains(&task.to_string()))
+            );
+            assert!(matches!(
+                check(&op, &query, HERE, None),
+                Err(Refusal::NoUser { .. })
+            ));
+            let moving = ActorView {
+                user: "alice".to_owned(),
+                user_master: Master::InTransit {
+                    from: HERE.to_owned(),
+                    to: OTHER.to_owned(),
+                },
+            };
+            assert!(check(&op, &query, HERE, Some(&moving)).is_err());
+        }
     }
 
     #[test]
