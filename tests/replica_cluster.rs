@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{Family, assert_converged, json_of, path_str, push_all, text};
-use serde_json::Value;
+use common::{Family, assert_converged, json_of, path_str, push_all, run_bounded, text};
+use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -374,6 +374,70 @@ fn a_moved_workspace_item_is_changed_at_its_new_master_and_an_ownerless_one_at_i
         .expect("the query at tokyo");
     assert_eq!(at_tokyo["fields"]["name"], "edited at its new master");
     assert_converged(f, &[tokyo, paris]);
+
+    // A client tier over tokyo lists the workspace items, the query marked as locked
+    // (mastered at paris), the report not.
+    let listen = format!("{}:8080", f.ip("web"));
+    let tier = f.spawn(&[
+        "client",
+        "--replica",
+        tokyo,
+        "--release",
+        "8.0.1.1",
+        "--family",
+        "workspace-rule",
+        "--tier",
+        "web",
+        "--listen",
+        &listen,
+    ]);
+    let get = |path: &str| -> Option<String> {
+        let out = run_bounded(
+            {
+                let mut curl = std::process::Command::new("curl");
+                curl.args(["-sf", &format!("http://{listen}{path}")]);
+                curl
+            },
+            Duration::from_secs(10),
+        );
+        out.status.success().then(|| text(&out.stdout))
+    };
+    let started = std::time::Instant::now();
+    let listed = loop {
+        if let Some(body) = get("/api/workspace") {
+            break json_of(&body);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the client tier did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let locked = |id: &str| {
+        listed["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["id"] == id))
+            .map(|i| (i["locked"].clone(), i["master"].clone()))
+    };
+    assert_eq!(
+        locked(&query),
+        Some((json!(true), json!("paris"))),
+        "{listed}"
+    );
+    assert_eq!(
+        locked(&ownerless),
+        Some((json!(false), json!("tokyo"))),
+        "{listed}"
+    );
+    let page = get("/workspace").expect("the workspace page");
+    let row = page
+        .lines()
+        .flat_map(|l| l.split("<tr"))
+        .find(|r| r.contains(&format!("id=\"{query}\"")))
+        .unwrap_or_default()
+        .to_string();
+    assert!(row.contains("🔒 mastered at paris"), "{page}");
+    let _ = tier.kill();
 }
 
 #[test]

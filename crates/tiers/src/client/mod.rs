@@ -1,6 +1,7 @@
 //! `multisite client`: a client tier's front end. It serves an HTTP API and a small web
-//! page over one replica: list, query, view and edit records, with a lock mark on
-//! records mastered at another replica. It presents its release to the replica on
+//! page over one replica: list, query, view and edit records, list the workspace items
+//! (saved queries, reports, charts), with a lock mark on items mastered at another
+//! replica. It presents its release to the replica on
 //! every call, and a replica whose feature levels that release cannot open refuses it;
 //! the page and the API show the refusal, and the tier is not ready meanwhile.
 
@@ -57,7 +58,8 @@ fn api_error(error: HttpError) -> Response {
     (status_of(&error), Json(json!({"error": error.to_string()}))).into_response()
 }
 
-/// The lock mark of a record mastered at another replica (pure, for the page).
+/// The lock mark of an item (a record, a workspace item) mastered at another replica
+/// (pure, for the page).
 pub fn lock_mark(item: &Item, here: &str) -> Option<String> {
     (item.master != here).then(|| format!("🔒 mastered at {}", item.master))
 }
@@ -76,6 +78,16 @@ impl ClientTier {
         }
         self.client
             .list_items(&self.replica_url, ItemKind::Record, &wanted)
+            .await
+    }
+
+    async fn workspace_items(&self) -> Result<Vec<Item>, HttpError> {
+        self.client
+            .list_items(
+                &self.replica_url,
+                ItemKind::WorkspaceItem,
+                &ItemQuery::default(),
+            )
             .await
     }
 
@@ -165,9 +177,69 @@ async fn index(State(t): State<Shared>, Query(query): Query<BTreeMap<String, Str
         );
     }
     body.push_str(
-        "</table><h2>New record</h2><form method=\"post\" action=\"/records\">headline <input name=\"headline\"> <button>create</button></form>",
+        "</table><h2>New record</h2><form method=\"post\" action=\"/records\">headline <input name=\"headline\"> <button>create</button></form>\
+         <p><a href=\"/workspace\">workspace items</a></p>",
     );
     Html(page(&t, "records", &body)).into_response()
+}
+
+/// The workspace items (saved queries, reports, charts) at the replica, each with its
+/// owner and, when mastered elsewhere, the lock mark: it can be changed only there.
+async fn workspace(State(t): State<Shared>) -> Response {
+    let session = match t.session().await {
+        Ok(s) => s,
+        Err(e) => return refused_page(&t, &e),
+    };
+    let items = match t.workspace_items().await {
+        Ok(items) => items,
+        Err(e) => return refused_page(&t, &e),
+    };
+    let mut body = format!(
+        "<h1>Workspace items at {}</h1><table><tr><th>id</th><th>kind</th><th>name</th><th>owner</th><th>master</th></tr>",
+        escape(&session.replica)
+    );
+    for item in &items {
+        let lock = lock_mark(item, &session.replica)
+            .map(|m| format!(" <span class=\"lock\" title=\"{0}\">{0}</span>", escape(&m)))
+            .unwrap_or_default();
+        let _ = write!(
+            body,
+            "<tr id=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{lock}</td></tr>",
+            escape(&item.item_type),
+            escape(
+                item.fields
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            ),
+            escape(item.owner.as_deref().unwrap_or("")),
+            escape(&item.master),
+            id = escape(&item.id),
+        );
+    }
+    body.push_str("</table><p><a href=\"/\">records</a></p>");
+    Html(page(&t, "workspace items", &body)).into_response()
+}
+
+/// `GET /api/workspace`: the workspace items with `locked` and `master` for each.
+async fn api_workspace(State(t): State<Shared>) -> Response {
+    let session = match t.session().await {
+        Ok(s) => s,
+        Err(e) => return api_error(e),
+    };
+    match t.workspace_items().await {
+        Ok(items) => {
+            let list: Vec<Value> = items
+                .iter()
+                .map(|i| {
+                    json!({"id": i.id, "kind": i.item_type, "fields": i.fields, "owner": i.owner,
+                           "master": i.master, "locked": i.master != session.replica})
+                })
+                .collect();
+            Json(json!({"replica": session.replica, "items": list})).into_response()
+        }
+        Err(e) => api_error(e),
+    }
 }
 
 async fn view(State(t): State<Shared>, Path(id): Path<String>) -> Response {
@@ -307,6 +379,8 @@ pub fn router(tier: Shared) -> Router {
         .route("/records/{id}", get(view).post(edit))
         .route("/api/records", get(api_list).post(api_create))
         .route("/api/records/{id}", get(api_get).patch(api_patch))
+        .route("/workspace", get(workspace))
+        .route("/api/workspace", get(api_workspace))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(tier)
