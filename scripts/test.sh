@@ -82,7 +82,7 @@ esac
 
 # The e2e scenarios that need the embedded cluster (its own operator processes, pods
 # that reach this machine's loopback); the runs on real servers leave them out.
-E2E_EMBEDDED_ONLY=(two_operators_only_the_leader_acts change_events_from_every_site_reach_the_outside_system_once_each)
+E2E_EMBEDDED_ONLY=(two_operators_only_the_leader_acts change_events_from_every_site_reach_the_outside_system_once_each change_events_written_before_the_pin_was_known_reach_the_outside_system_once_each)
 E2E_SKIP=()
 for name in "${E2E_EMBEDDED_ONLY[@]}"; do E2E_SKIP+=(--skip "$name"); done
 

@@ -1730,6 +1730,78 @@ fn a_schema_package_reaches_every_replica_including_a_late_one() {
 // The gateway
 // ---------------------------------------------------------------------------------
 
+/// Change events written before the family had a gateway, at replicas that are not the
+/// schema repository's master (so mastered at that master, the only place they could
+/// go), all reach the outside system once the gateway is pinned to a third replica:
+/// the operator hands them to the gateway's replica, which delivers them.
+#[test]
+fn change_events_written_before_the_pin_was_known_reach_the_outside_system_once_each() {
+    let env = Env::start("early-events", 14, false);
+    assert!(
+        env.embedded(),
+        "the stand-in outside system listens on this machine's loopback, which only the \
+         embedded cluster's pods reach: run it without MULTISITE_E2E_KUBE_STATE / \
+         MULTISITE_E2E_DELEGATE_STATE (scripts/test.sh --skips it there)"
+    );
+    env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, ""));
+    env.wait_active(&NAMES);
+    env.apply(INTEROP);
+    let packages: Api<multisite::api::SchemaPackage> =
+        Api::namespaced(env.kube.clone(), &env.namespace);
+    env.wait("the interop package is on every replica", || {
+        let status = env.rt.block_on(packages.get("interop")).ok()?.status?;
+        multisite::api::conditions::is_true(&status.conditions, "Ready").then_some(())
+    });
+    // No gateway yet: the events of these records are mastered at sampl-tokyo, the
+    // schema repository's master, though made at paris and austin.
+    let client = env.client("sampl");
+    let mut created = Vec::new();
+    for name in ["sampl-paris", "sampl-austin"] {
+        created.extend(env.write(&client, name, 3, name));
+    }
+    let outside = OutsideSystem::start(3);
+    let spec = format!(
+        "  gateway: {{replica: sampl-austin, endpoint: \"http://127.0.0.1:{}/events\"}}\n",
+        outside.port
+    );
+    env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, &spec));
+    let expected: BTreeSet<String> = created.iter().cloned().collect();
+    let events = env.wait(
+        &format!(
+            "the outside system received the {} early events",
+            expected.len()
+        ),
+        || {
+            let events = outside.events();
+            let got: BTreeSet<String> = events
+                .iter()
+                .filter(|e| e["action"] == "create")
+                .filter_map(|e| e["record"].as_str().map(str::to_string))
+                .collect();
+            expected.is_subset(&got).then_some(events)
+        },
+    );
+    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let unique: BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "an event was delivered twice: {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        expected.len(),
+        "events beyond the changes made: {events:?}"
+    );
+    env.wait("the gateway reports none pending", || {
+        let gateway = env.family("sampl").status?.gateway?;
+        (gateway.replica == "sampl-austin"
+            && gateway.events_delivered >= expected.len() as i64
+            && gateway.events_pending == 0)
+            .then_some(())
+    });
+}
+
 /// With the interop package in place, change events from every site reach the outside
 /// system through the gateway, once each, despite failed deliveries; updates from the
 /// outside system apply at the gateway's replica, and one mastered elsewhere is refused

@@ -47,12 +47,35 @@ async fn remaster(
         let Some(master_url) = endpoint(&item.master) else {
             continue;
         };
-        client
+        // Its master may not hold it yet, or it may be moving already: the next
+        // request takes it.
+        match client
             .move_mastership(&master_url, ItemKind::Record, id, &move_to(to))
-            .await?;
-        moved += 1;
+            .await
+        {
+            Ok(_) => moved += 1,
+            Err(error) => {
+                tracing::debug!(item = %id, master = %item.master, %error, "mastership not moved yet")
+            }
+        }
     }
     Ok(moved)
+}
+
+/// The live change events at the replica at `url` that are mastered at another replica
+/// than `gateway`: made where the pin was not known yet (mastered at the schema
+/// repository's master then), or before the family had a gateway.
+async fn stray_events(
+    client: &ReplicaClient,
+    url: &str,
+    gateway: &str,
+) -> Result<Vec<String>, OperatorError> {
+    Ok(live_events(client, url)
+        .await?
+        .into_iter()
+        .filter(|e| e.master != gateway)
+        .map(|e| e.id)
+        .collect())
 }
 
 /// What the gateway reconcile found (for status and conditions).
@@ -83,12 +106,11 @@ fn gateway_setting(replica: &str) -> Setting {
     }
 }
 
-/// The live change events at the replica at `url` mastered at `master`.
-async fn events_mastered_at(
+/// The live change events at the replica at `url`.
+async fn live_events(
     client: &ReplicaClient,
     url: &str,
-    master: &str,
-) -> Result<Vec<String>, OperatorError> {
+) -> Result<Vec<multisite_replica::api::Item>, OperatorError> {
     let events = client
         .list_items(
             url,
@@ -96,9 +118,19 @@ async fn events_mastered_at(
             &ItemQuery::of_type(CHANGE_EVENT_TYPE),
         )
         .await?;
-    Ok(events
+    Ok(events.into_iter().filter(|e| !e.deleted).collect())
+}
+
+/// The live change events at the replica at `url` mastered at `master`.
+async fn events_mastered_at(
+    client: &ReplicaClient,
+    url: &str,
+    master: &str,
+) -> Result<Vec<String>, OperatorError> {
+    Ok(live_events(client, url)
+        .await?
         .into_iter()
-        .filter(|e| e.master == master && !e.deleted)
+        .filter(|e| e.master == master)
         .map(|e| e.id)
         .collect())
 }
@@ -274,6 +306,34 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
             ),
         )
         .await;
+    }
+    // The gateway delivers and removes only the events mastered at its replica: those
+    // mastered elsewhere (made before their replica knew the pin) are handed to it.
+    if pinned_status.gateway_replica.as_deref() == Some(spec.replica.as_str())
+        && let Some(url) = &pinned_status.endpoint
+    {
+        // The item routes want the caller's client release.
+        let client = ctx
+            .replica_client(&namespace, &family.name_any())
+            .await?
+            .with_release(Some(ctx.compat.newest_release_version()));
+        let stray = stray_events(&client, url, &spec.replica).await?;
+        if !stray.is_empty() {
+            let moved = remaster(ctx, family, &spec.replica, &stray).await?;
+            if moved > 0 {
+                ctx.event(
+                    family,
+                    false,
+                    "ChangeEventsHandedOver",
+                    "Gateway",
+                    format!(
+                        "{moved} change event(s) mastered at another replica handed to {}, the gateway's replica",
+                        spec.replica
+                    ),
+                )
+                .await;
+            }
+        }
     }
     let Some(endpoint) = &spec.endpoint else {
         let status = GatewayStatus {
