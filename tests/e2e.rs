@@ -1856,6 +1856,7 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
                 id,
                 &UpdateItem {
                     fields: [("state".to_string(), json!("open"))].into(),
+                    mastership: None,
                 },
             ))
             .expect("modify");

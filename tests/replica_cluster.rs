@@ -440,6 +440,51 @@ fn a_moved_workspace_item_is_changed_at_its_new_master_and_an_ownerless_one_at_i
     let _ = tier.kill();
 }
 
+/// `records update --mastership` changes a record and hands it to another replica in one
+/// change: refused at a replica that is not the master, and at the new master the change
+/// and the mastership arrive together.
+#[test]
+fn a_change_can_move_the_records_mastership() {
+    let t = three("change-moves", 7);
+    let f = &t.family;
+    let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
+    let id = f.create(tokyo, "assign me");
+    f.push(tokyo, paris);
+    let refused = f.cli_refused(&[
+        "records",
+        "update",
+        "--replica",
+        paris,
+        &id,
+        "--field",
+        "state=assigned",
+        "--mastership",
+        "austin",
+    ]);
+    assert!(refused.contains("mastered at replica tokyo"), "{refused}");
+    f.cli_ok(&[
+        "records",
+        "update",
+        "--replica",
+        tokyo,
+        &id,
+        "--field",
+        "state=assigned",
+        "--mastership",
+        "paris",
+    ]);
+    let at_tokyo = f.get(tokyo, "record", &id).expect("at tokyo");
+    assert_eq!(at_tokyo["master"], "paris");
+    f.push(tokyo, paris);
+    let at_paris = f.get(paris, "record", &id).expect("at paris");
+    assert_eq!(
+        (&at_paris["master"], &at_paris["fields"]["state"]),
+        (&json!("paris"), &json!("assigned"))
+    );
+    let out = f.update(paris, &id, "fixed at paris");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn feature_level_raise_holds_newer_packets_until_the_receiver_is_upgraded() {
     let f = Family::new("feature-levels");

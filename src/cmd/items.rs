@@ -82,8 +82,16 @@ pub enum RecordsCommand {
         #[command(flatten)]
         item: ItemArgs,
         id: String,
-        #[arg(long = "field", value_name = "NAME=VALUE", required = true)]
+        #[arg(
+            long = "field",
+            value_name = "NAME=VALUE",
+            required_unless_present = "mastership"
+        )]
         fields: Vec<String>,
+        /// Move the item's mastership to this replica as part of the change (at its
+        /// master only): the change and the move travel together.
+        #[arg(long, value_name = "REPLICA")]
+        mastership: Option<String>,
     },
     /// Delete an item mastered at this replica.
     Delete {
@@ -229,14 +237,22 @@ pub async fn records(command: RecordsCommand) -> anyhow::Result<ExitCode> {
             let item = client.get_item(&base, kind, &id).await?;
             print!("{}", r::render_item(&item, output)?);
         }
-        RecordsCommand::Update { id, fields, .. } => {
+        RecordsCommand::Update {
+            id,
+            fields,
+            mastership,
+            ..
+        } => {
             let mut values = r::parse_fields(&fields)?;
             for v in values.values_mut() {
                 if v.as_str() == Some("") {
                     *v = serde_json::Value::Null;
                 }
             }
-            let update = UpdateItem { fields: values };
+            let update = UpdateItem {
+                fields: values,
+                mastership,
+            };
             let item = client.update_item(&base, kind, &id, &update).await?;
             print!("{}", r::render_item(&item, output)?);
         }

@@ -336,6 +336,10 @@ pub struct CreateItem {
 pub struct UpdateItem {
     /// New values; `null` removes a field.
     pub fields: BTreeMap<String, Value>,
+    /// Move the item's mastership to this replica as part of the change (only at its
+    /// master, to another active replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mastership: Option<String>,
 }
 
 /// `GET /v1/{kind}`: which items to list.

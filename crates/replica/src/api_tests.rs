@@ -76,6 +76,7 @@ async fn every_item_route_round_trips_through_the_typed_client() {
             &created.id,
             &UpdateItem {
                 fields: [("state".to_string(), json!("open"))].into(),
+                mastership: None,
             },
         )
         .await

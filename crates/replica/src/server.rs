@@ -722,7 +722,8 @@ async fn update_item(
             };
             changes.insert(name.clone(), v);
         }
-        Ok(Json(Item::from(&store.update_item(kind, &id, changes)?)))
+        let moved = store.change_item(kind, &id, changes, body.mastership.as_deref())?;
+        Ok(Json(Item::from(&moved)))
     })
     .await
 }

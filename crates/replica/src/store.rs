@@ -655,8 +655,37 @@ impl Store {
         id: &str,
         changes: BTreeMap<String, Option<FieldValue>>,
     ) -> Result<ItemState> {
+        self.change_item(kind, id, changes, None)
+    }
+
+    /// Changes fields of an item mastered here and, with `move_to`, moves its mastership
+    /// to that replica in the same change (a user's record carries their workspace
+    /// items along, as a move alone does).
+    pub fn change_item(
+        &mut self,
+        kind: ItemKind,
+        id: &str,
+        changes: BTreeMap<String, Option<FieldValue>>,
+        move_to: Option<&str>,
+    ) -> Result<ItemState> {
         let mut item = self.existing(kind, id)?;
-        self.check(&Action::Modify, &item)?;
+        let mut carried = Vec::new();
+        match move_to {
+            None => self.check(&Action::Modify, &item)?,
+            Some(to) => {
+                mastership::check_change_with_move(
+                    &Action::Modify,
+                    &Self::view(&item),
+                    &self.identity.replica,
+                    to,
+                    None,
+                )?;
+                self.require_active_peer(to)?;
+                if kind == ItemKind::User {
+                    carried = self.carried_with_user(id)?;
+                }
+            }
+        }
         for (name, value) in changes {
             match value {
                 Some(v) => item.fields.insert(name, v),
@@ -666,12 +695,53 @@ impl Store {
         if kind == ItemKind::Record {
             self.check_record_fields(&item.item_type, &item.fields)?;
         }
+        if let Some(to) = move_to {
+            item.master = to.to_string();
+        }
         item.version += 1;
         item.schema_version = item
             .schema_version
             .max(self.levels()?.user_database_schema_version);
-        self.commit_record_change(&item, "modify")?;
+        let carried = carried
+            .into_iter()
+            .map(|mut workspace_item| {
+                workspace_item.master = item.master.clone();
+                workspace_item.version += 1;
+                Operation::PutItem {
+                    item: workspace_item,
+                    forced_from: None,
+                }
+            })
+            .collect();
+        self.commit_record_change_with(&item, "modify", carried)?;
         Ok(item)
+    }
+
+    /// Refuses a mastership move to `to` unless it is an active member of the family.
+    fn require_active_peer(&self, to: &str) -> Result<()> {
+        if self.peers()?.iter().any(|p| p.name == to && p.active) {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "replica {to} is not an active member of family {}",
+                self.identity.family
+            )))
+        }
+    }
+
+    /// The workspace items mastered here that move with user `user`'s record.
+    fn carried_with_user(&self, user: &str) -> Result<Vec<ItemState>> {
+        let me = self.identity.replica.clone();
+        let items = self.query(ItemKind::WorkspaceItem, None, &[])?;
+        let views: Vec<ItemView> = items.iter().map(Self::view).collect();
+        let carried: Vec<String> = mastership::items_moving_with_user(user, &me, &views)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        Ok(items
+            .into_iter()
+            .filter(|i| carried.contains(&i.id))
+            .collect())
     }
 
     /// Deletes an item mastered here (a tombstone replicates).
@@ -703,26 +773,10 @@ impl Store {
         let action = Action::MoveMastership { to: to.to_string() };
         // A workspace item moves with its owner or on an explicit request at its master.
         self.check(&action, &item)?;
-        if !self.peers()?.iter().any(|p| p.name == to && p.active) {
-            return Err(StoreError::Invalid(format!(
-                "replica {to} is not an active member of family {}",
-                self.identity.family
-            )));
-        }
+        self.require_active_peer(to)?;
         let mut moved = vec![item];
         if kind == ItemKind::User {
-            let me = self.identity.replica.clone();
-            let views: Vec<ItemState> = self
-                .query(ItemKind::WorkspaceItem, None, &[])?
-                .into_iter()
-                .collect();
-            let item_views: Vec<ItemView> = views.iter().map(Self::view).collect();
-            let carried = mastership::items_moving_with_user(id, &me, &item_views);
-            moved.extend(
-                views
-                    .into_iter()
-                    .filter(|v| carried.contains(&v.id.as_str())),
-            );
+            moved.extend(self.carried_with_user(id)?);
         }
         let ops = moved
             .iter_mut()
@@ -890,6 +944,16 @@ impl Store {
 
     /// Commits a record change, with its change event when the schema has them.
     fn commit_record_change(&mut self, item: &ItemState, action: &str) -> Result<()> {
+        self.commit_record_change_with(item, action, Vec::new())
+    }
+
+    /// Commits a change of `item` (with its change event) and `more` in one change set.
+    fn commit_record_change_with(
+        &mut self,
+        item: &ItemState,
+        action: &str,
+        more: Vec<Operation>,
+    ) -> Result<()> {
         let mut ops = vec![Operation::PutItem {
             item: item.clone(),
             forced_from: None,
@@ -900,6 +964,7 @@ impl Store {
         {
             ops.push(event);
         }
+        ops.extend(more);
         self.commit_local(ops)?;
         Ok(())
     }

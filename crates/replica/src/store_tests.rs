@@ -423,3 +423,87 @@ fn two_states_of_one_version_settle_the_same_way_everywhere() {
         .collect();
     assert!(digests.iter().all(|d| *d == digests[0]));
 }
+
+/// A change may carry a mastership move (a mastership field set in an ordinary action):
+/// the master changes the item and hands it over in one change set, so the new master
+/// receives both together and the old one refuses further changes at once. A user's
+/// record carries their workspace items along, as a move alone does.
+#[test]
+fn a_change_carries_the_mastership_move_in_one_change_set() {
+    let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
+    let mut stores = family(&dirs);
+    let [a, b, _] = &mut stores[..] else {
+        panic!("a family of three")
+    };
+    let r1 = a
+        .create_item(
+            ItemKind::Record,
+            "Defect",
+            fields(&[("headline", "one")]),
+            None,
+        )
+        .unwrap();
+    push(a, b);
+    // Not at a remote master, nor to the master itself, nor to an unknown replica.
+    let state = |v: &str| -> BTreeMap<String, Option<FieldValue>> {
+        [("state".to_string(), Some(s(v)))].into()
+    };
+    let err = b
+        .change_item(ItemKind::Record, &r1.id, state("x"), Some("austin"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mastered at replica tokyo"), "{err}");
+    assert!(
+        a.change_item(ItemKind::Record, &r1.id, state("x"), Some("tokyo"))
+            .is_err()
+    );
+    assert!(
+        a.change_item(ItemKind::Record, &r1.id, state("x"), Some("nowhere"))
+            .is_err()
+    );
+    let before = a.get_item(ItemKind::Record, &r1.id).unwrap().unwrap();
+    let moved = a
+        .change_item(ItemKind::Record, &r1.id, state("assigned"), Some("paris"))
+        .unwrap();
+    assert_eq!(moved.master, "paris");
+    assert_eq!(moved.version, before.version + 1, "one change, one version");
+    assert!(
+        a.update_item(ItemKind::Record, &r1.id, state("y")).is_err(),
+        "the old master refuses at once"
+    );
+    push(a, b);
+    let at_b = b.get_item(ItemKind::Record, &r1.id).unwrap().unwrap();
+    assert_eq!(
+        (at_b.master.as_str(), at_b.fields.get("state")),
+        ("paris", Some(&s("assigned")))
+    );
+    b.update_item(ItemKind::Record, &r1.id, state("fixed"))
+        .unwrap();
+
+    // A user's record moved through a change takes their workspace items with it.
+    a.create_item(ItemKind::User, "user", BTreeMap::new(), Some("alice"))
+        .unwrap();
+    let query = a
+        .create_item(
+            ItemKind::WorkspaceItem,
+            "query",
+            fields(&[("name", "mine")]),
+            Some("alice"),
+        )
+        .unwrap();
+    a.change_item(
+        ItemKind::User,
+        "alice",
+        [("email".to_string(), Some(s("alice@example")))].into(),
+        Some("paris"),
+    )
+    .unwrap();
+    let query_at_a = a
+        .get_item(ItemKind::WorkspaceItem, &query.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(query_at_a.master, "paris");
+    push(a, b);
+    b.update_item(ItemKind::WorkspaceItem, &query.id, state("shared"))
+        .unwrap();
+}

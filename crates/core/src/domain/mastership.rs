@@ -338,6 +338,26 @@ pub fn check(
     Ok(())
 }
 
+/// Whether `op`, a change at `here` that also moves the item's mastership to `to` (a
+/// mastership field set in an ordinary action, as the vendor allows at the master), is
+/// allowed: only where the change and the move both are, so at the master, to another
+/// replica. Change and move then travel in one packet, the move made by the master.
+pub fn check_change_with_move(
+    op: &Operation,
+    item: &ItemView,
+    here: &str,
+    to: &str,
+    actor: Option<&ActorView>,
+) -> Result<(), Refusal> {
+    check(op, item, here, actor)?;
+    check(
+        &Operation::MoveMastership { to: to.to_owned() },
+        item,
+        here,
+        actor,
+    )
+}
+
 /// A user's own task: allowed where that user's record is mastered, whatever the item.
 fn check_user_task(task: UserTask, here: &str, actor: Option<&ActorView>) -> Result<(), Refusal> {
     let Some(actor) = actor else {
@@ -731,6 +751,40 @@ mod tests {
             };
             assert!(check(&op, &query, HERE, Some(&moving)).is_err());
         }
+    }
+
+    /// A change may carry a mastership move: at the master, to another replica, and
+    /// never where the change alone would be refused.
+    #[test]
+    fn a_change_may_move_the_mastership_at_the_master_only() {
+        let record = view(ItemKind::Record, at(HERE));
+        let remote = view(ItemKind::Record, at(OTHER));
+        let moving = view(
+            ItemKind::Record,
+            Master::InTransit {
+                from: HERE.to_owned(),
+                to: OTHER.to_owned(),
+            },
+        );
+        let rows: [(&ItemView, &str, Option<&str>); 5] = [
+            (&record, OTHER, None),
+            (&record, HERE, Some("AlreadyMastered")),
+            (&remote, HERE, Some("RemoteMaster")),
+            (&remote, "third", Some("RemoteMaster")),
+            (&moving, "third", Some("InTransit")),
+        ];
+        for (item, to, refused) in rows {
+            let got = check_change_with_move(&Operation::Modify, item, HERE, to, None);
+            let name = got.as_ref().err().map(|r| match r {
+                Refusal::AlreadyMastered { .. } => "AlreadyMastered",
+                Refusal::RemoteMaster { .. } => "RemoteMaster",
+                Refusal::InTransit { .. } => "InTransit",
+                _ => "other",
+            });
+            assert_eq!(name, refused, "{item:?} to {to}");
+        }
+        // A read carries no move.
+        assert!(check_change_with_move(&Operation::Read, &remote, HERE, "third", None).is_err());
     }
 
     #[test]

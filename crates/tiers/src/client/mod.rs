@@ -295,6 +295,7 @@ async fn edit(
             .into_iter()
             .map(|(k, v)| (k, Value::String(v)))
             .collect(),
+        mastership: None,
     };
     match t.update(&id, &update).await {
         Ok(_) => Redirect::to(&record_page(&id)).into_response(),

@@ -245,6 +245,7 @@ async fn update(
     }
     let body = UpdateItem {
         fields: update.fields.into_iter().collect(),
+        mastership: None,
     };
     match g
         .replica
