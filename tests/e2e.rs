@@ -777,7 +777,7 @@ fn set(ids: impl IntoIterator<Item = Vec<String>>) -> BTreeSet<String> {
 /// (without its namespace).
 const INTEROP: &str = "apiVersion: multisite.dev/v1alpha1\nkind: SchemaPackage\nmetadata: {name: interop}\n\
     spec:\n  family: sampl\n  package: Interop\n  version: \"1.0\"\n  recordTypes:\n\
-    \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}, {name: replica, type: String}]\n";
+    \x20   - name: ChangeEvent\n      fields: [{name: record, type: String}, {name: action, type: String}, {name: replica, type: String}, {name: origin, type: String}]\n";
 
 const THREE: [(&str, &str, Option<&str>); 3] = [
     ("sampl-tokyo", "tokyo", None),
@@ -1857,6 +1857,7 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
                 &UpdateItem {
                     fields: [("state".to_string(), json!("open"))].into(),
                     mastership: None,
+                    via_gateway: false,
                 },
             ))
             .expect("modify");
@@ -1932,6 +1933,21 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
             &json!({"id": at_tokyo, "fields": {"state": "closed"}}),
         ))
         .expect("an update at the gateway's replica");
+    // Its change event comes back to the outside system marked as its own.
+    env.wait(
+        "the update's change event arrives marked origin gateway",
+        || {
+            outside
+                .events()
+                .iter()
+                .any(|e| e["record"] == json!(at_tokyo) && e["origin"] == "gateway")
+                .then_some(())
+        },
+    );
+    assert!(
+        events.iter().all(|e| e["origin"] == "replica"),
+        "the changes made at the replicas are marked origin replica: {events:?}"
+    );
     let refused = env
         .rt
         .block_on(gateway.send_json::<_, Value>(

@@ -252,6 +252,7 @@ pub async fn records(command: RecordsCommand) -> anyhow::Result<ExitCode> {
             let update = UpdateItem {
                 fields: values,
                 mastership,
+                via_gateway: false,
             };
             let item = client.update_item(&base, kind, &id, &update).await?;
             print!("{}", r::render_item(&item, output)?);

@@ -340,6 +340,11 @@ pub struct UpdateItem {
     /// master, to another active replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mastership: Option<String>,
+    /// The outside system's update, applied by the family's gateway: the change event it
+    /// writes says so (`origin: gateway`), so the gateway can tell the outside system
+    /// that the change is its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub via_gateway: bool,
 }
 
 /// `GET /v1/{kind}`: which items to list.

@@ -77,6 +77,7 @@ async fn every_item_route_round_trips_through_the_typed_client() {
             &UpdateItem {
                 fields: [("state".to_string(), json!("open"))].into(),
                 mastership: None,
+                via_gateway: false,
             },
         )
         .await

@@ -12,7 +12,7 @@ use crate::api::{
 };
 use crate::http::HttpError;
 use crate::secret::Secret;
-use crate::store::{ImportOutcome, Store, StoreError};
+use crate::store::{ImportOutcome, ItemChange, Origin, Store, StoreError};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -722,7 +722,15 @@ async fn update_item(
             };
             changes.insert(name.clone(), v);
         }
-        let moved = store.change_item(kind, &id, changes, body.mastership.as_deref())?;
+        let how = ItemChange {
+            move_to: body.mastership.as_deref(),
+            origin: if body.via_gateway {
+                Origin::Gateway
+            } else {
+                Origin::Replica
+            },
+        };
+        let moved = store.change_item(kind, &id, changes, how)?;
         Ok(Json(Item::from(&moved)))
     })
     .await

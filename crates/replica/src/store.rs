@@ -102,6 +102,26 @@ pub struct Levels {
     pub user_database_schema_version: u64,
 }
 
+/// How an item is changed, beyond its fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemChange<'a> {
+    /// Move its mastership to this replica in the same change.
+    pub move_to: Option<&'a str>,
+    /// Where the change comes from, for its change event.
+    pub origin: Origin,
+}
+
+/// Where a record change comes from, as its change event says (when the interop
+/// package's ChangeEvent type has an `origin` field).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// A user or program at a replica.
+    #[default]
+    Replica,
+    /// The outside system, through the family's gateway.
+    Gateway,
+}
+
 /// A peer as this replica knows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -655,19 +675,20 @@ impl Store {
         id: &str,
         changes: BTreeMap<String, Option<FieldValue>>,
     ) -> Result<ItemState> {
-        self.change_item(kind, id, changes, None)
+        self.change_item(kind, id, changes, ItemChange::default())
     }
 
-    /// Changes fields of an item mastered here and, with `move_to`, moves its mastership
-    /// to that replica in the same change (a user's record carries their workspace
-    /// items along, as a move alone does).
+    /// Changes fields of an item mastered here and, with `how.move_to`, moves its
+    /// mastership to that replica in the same change (a user's record carries their
+    /// workspace items along, as a move alone does).
     pub fn change_item(
         &mut self,
         kind: ItemKind,
         id: &str,
         changes: BTreeMap<String, Option<FieldValue>>,
-        move_to: Option<&str>,
+        how: ItemChange<'_>,
     ) -> Result<ItemState> {
+        let move_to = how.move_to;
         let mut item = self.existing(kind, id)?;
         let mut carried = Vec::new();
         match move_to {
@@ -713,7 +734,7 @@ impl Store {
                 }
             })
             .collect();
-        self.commit_record_change_with(&item, "modify", carried)?;
+        self.commit_record_change_with(&item, "modify", how.origin, carried)?;
         Ok(item)
     }
 
@@ -894,7 +915,12 @@ impl Store {
     /// When the user database's schema has the interop package's change-event type:
     /// the change event to write with a change of record `id`, mastered by the
     /// gateway's replica wherever the change happened.
-    fn change_event(&mut self, id: &str, action: &str) -> Result<Option<Operation>> {
+    fn change_event(
+        &mut self,
+        id: &str,
+        action: &str,
+        origin: Origin,
+    ) -> Result<Option<Operation>> {
         let types = self.record_types()?;
         let Some(def) = types.iter().find(|t| t.name == CHANGE_EVENT_TYPE) else {
             return Ok(None);
@@ -904,10 +930,15 @@ impl Store {
             None => self.schema_master()?,
         };
         let mut fields = BTreeMap::new();
+        let origin = match origin {
+            Origin::Replica => "replica",
+            Origin::Gateway => "gateway",
+        };
         for (name, value) in [
             ("record", id),
             ("action", action),
             ("replica", self.identity.replica.as_str()),
+            ("origin", origin),
         ] {
             if def
                 .fields
@@ -944,14 +975,16 @@ impl Store {
 
     /// Commits a record change, with its change event when the schema has them.
     fn commit_record_change(&mut self, item: &ItemState, action: &str) -> Result<()> {
-        self.commit_record_change_with(item, action, Vec::new())
+        self.commit_record_change_with(item, action, Origin::Replica, Vec::new())
     }
 
-    /// Commits a change of `item` (with its change event) and `more` in one change set.
+    /// Commits a change of `item` (with its change event, saying where the change came
+    /// from) and `more` in one change set.
     fn commit_record_change_with(
         &mut self,
         item: &ItemState,
         action: &str,
+        origin: Origin,
         more: Vec<Operation>,
     ) -> Result<()> {
         let mut ops = vec![Operation::PutItem {
@@ -960,7 +993,7 @@ impl Store {
         }];
         if item.kind == ItemKind::Record
             && item.item_type != CHANGE_EVENT_TYPE
-            && let Some(event) = self.change_event(&item.id, action)?
+            && let Some(event) = self.change_event(&item.id, action, origin)?
         {
             ops.push(event);
         }

@@ -430,6 +430,10 @@ fn two_states_of_one_version_settle_the_same_way_everywhere() {
 /// record carries their workspace items along, as a move alone does.
 #[test]
 fn a_change_carries_the_mastership_move_in_one_change_set() {
+    let to = |replica| ItemChange {
+        move_to: Some(replica),
+        ..ItemChange::default()
+    };
     let dirs = [TempDir::new("a"), TempDir::new("b"), TempDir::new("c")];
     let mut stores = family(&dirs);
     let [a, b, _] = &mut stores[..] else {
@@ -449,21 +453,21 @@ fn a_change_carries_the_mastership_move_in_one_change_set() {
         [("state".to_string(), Some(s(v)))].into()
     };
     let err = b
-        .change_item(ItemKind::Record, &r1.id, state("x"), Some("austin"))
+        .change_item(ItemKind::Record, &r1.id, state("x"), to("austin"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("mastered at replica tokyo"), "{err}");
     assert!(
-        a.change_item(ItemKind::Record, &r1.id, state("x"), Some("tokyo"))
+        a.change_item(ItemKind::Record, &r1.id, state("x"), to("tokyo"))
             .is_err()
     );
     assert!(
-        a.change_item(ItemKind::Record, &r1.id, state("x"), Some("nowhere"))
+        a.change_item(ItemKind::Record, &r1.id, state("x"), to("nowhere"))
             .is_err()
     );
     let before = a.get_item(ItemKind::Record, &r1.id).unwrap().unwrap();
     let moved = a
-        .change_item(ItemKind::Record, &r1.id, state("assigned"), Some("paris"))
+        .change_item(ItemKind::Record, &r1.id, state("assigned"), to("paris"))
         .unwrap();
     assert_eq!(moved.master, "paris");
     assert_eq!(moved.version, before.version + 1, "one change, one version");
@@ -495,7 +499,7 @@ fn a_change_carries_the_mastership_move_in_one_change_set() {
         ItemKind::User,
         "alice",
         [("email".to_string(), Some(s("alice@example")))].into(),
-        Some("paris"),
+        to("paris"),
     )
     .unwrap();
     let query_at_a = a

@@ -296,6 +296,7 @@ async fn edit(
             .map(|(k, v)| (k, Value::String(v)))
             .collect(),
         mastership: None,
+        via_gateway: false,
     };
     match t.update(&id, &update).await {
         Ok(_) => Redirect::to(&record_page(&id)).into_response(),

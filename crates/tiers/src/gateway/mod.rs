@@ -1,14 +1,17 @@
 //! `multisite gateway`: the family's connector to an outside system, connected to the
 //! one replica the family pins it to.
 //!
-//! - Outgoing: the change events at its replica (written with every record change once
-//!   the interop package is in place, mastered by the gateway's replica) are sent to the
-//!   endpoint as JSON, oldest first, one at a time; each is deleted at the replica only
-//!   once the endpoint answered 2xx. A failure stops the round and is retried with
-//!   back-off, so delivery is at least once and in order per record.
-//! - Incoming: an authenticated `POST /v1/updates` changes a record at its replica.
-//!   A record mastered elsewhere cannot be changed here: the update is refused and the
-//!   record listed as one-directional until its mastership moves to the gateway's replica.
+//! - Incoming synchronisation (the vendor's name, seen from the outside system): the
+//!   change events at its replica (written with every record change once the interop
+//!   package is in place, mastered by the gateway's replica) are sent to the endpoint as
+//!   JSON, oldest first, one at a time; each is deleted at the replica only once the
+//!   endpoint answered 2xx. A failure stops the round and is retried with back-off, so
+//!   delivery is at least once and in order per record. An event of a change the
+//!   outside system itself made through the gateway says so (`origin: gateway`).
+//! - Outgoing synchronisation: an authenticated `POST /v1/updates` changes a record at
+//!   its replica. A record mastered elsewhere cannot be changed here: the update is
+//!   refused and the record listed as one-directional until its mastership moves to the
+//!   gateway's replica.
 //! - Only one gateway acts for a replica: each holds a lease at the replica, renewed
 //!   every few seconds; a second gateway waits.
 
@@ -69,6 +72,7 @@ pub fn event_body(event: &Item) -> Value {
         "record": field("record"),
         "action": field("action"),
         "replica": field("replica"),
+        "origin": field("origin"),
     })
 }
 
@@ -246,6 +250,7 @@ async fn update(
     let body = UpdateItem {
         fields: update.fields.into_iter().collect(),
         mastership: None,
+        via_gateway: true,
     };
     match g
         .replica
@@ -330,7 +335,8 @@ mod tests {
         };
         assert_eq!(
             event_body(&event),
-            json!({"event": "SAMPL00002", "record": "SAMPL00001", "action": "modify", "replica": null})
+            json!({"event": "SAMPL00002", "record": "SAMPL00001", "action": "modify", "replica": null,
+                   "origin": null})
         );
     }
 }
