@@ -1730,6 +1730,22 @@ fn a_schema_package_reaches_every_replica_including_a_late_one() {
 // The gateway
 // ---------------------------------------------------------------------------------
 
+/// The outside system received `expected` events, each once.
+fn assert_each_delivered_once(events: &[Value], expected: usize) {
+    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let unique: BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "an event was delivered twice: {ids:?}"
+    );
+    assert_eq!(
+        ids.len(),
+        expected,
+        "events beyond the changes made: {events:?}"
+    );
+}
+
 /// Change events written before the family had a gateway, at replicas that are not the
 /// schema repository's master (so mastered at that master, the only place they could
 /// go), all reach the outside system once the gateway is pinned to a third replica:
@@ -1781,18 +1797,7 @@ fn change_events_written_before_the_pin_was_known_reach_the_outside_system_once_
             expected.is_subset(&got).then_some(events)
         },
     );
-    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    let unique: BTreeSet<&&str> = ids.iter().collect();
-    assert_eq!(
-        ids.len(),
-        unique.len(),
-        "an event was delivered twice: {ids:?}"
-    );
-    assert_eq!(
-        ids.len(),
-        expected.len(),
-        "events beyond the changes made: {events:?}"
-    );
+    assert_each_delivered_once(&events, expected.len());
     env.wait("the gateway reports none pending", || {
         let gateway = env.family("sampl").status?.gateway?;
         (gateway.replica == "sampl-austin"
@@ -1887,18 +1892,7 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
             expected.is_subset(&got).then_some(events)
         },
     );
-    let ids: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    let unique: BTreeSet<&&str> = ids.iter().collect();
-    assert_eq!(
-        ids.len(),
-        unique.len(),
-        "an event was delivered twice: {ids:?}"
-    );
-    assert_eq!(
-        ids.len(),
-        expected.len(),
-        "events beyond the changes made: {events:?}"
-    );
+    assert_each_delivered_once(&events, expected.len());
     let sites: BTreeSet<&str> = events
         .iter()
         .filter_map(|e| e["replica"].as_str())

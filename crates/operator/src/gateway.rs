@@ -70,12 +70,7 @@ async fn stray_events(
     url: &str,
     gateway: &str,
 ) -> Result<Vec<String>, OperatorError> {
-    Ok(live_events(client, url)
-        .await?
-        .into_iter()
-        .filter(|e| e.master != gateway)
-        .map(|e| e.id)
-        .collect())
+    events_where(client, url, |m| m != gateway).await
 }
 
 /// What the gateway reconcile found (for status and conditions).
@@ -106,11 +101,12 @@ fn gateway_setting(replica: &str) -> Setting {
     }
 }
 
-/// The live change events at the replica at `url`.
-async fn live_events(
+/// The ids of the live change events at the replica at `url` whose master `keep` takes.
+async fn events_where(
     client: &ReplicaClient,
     url: &str,
-) -> Result<Vec<multisite_replica::api::Item>, OperatorError> {
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, OperatorError> {
     let events = client
         .list_items(
             url,
@@ -118,7 +114,11 @@ async fn live_events(
             &ItemQuery::of_type(CHANGE_EVENT_TYPE),
         )
         .await?;
-    Ok(events.into_iter().filter(|e| !e.deleted).collect())
+    Ok(events
+        .into_iter()
+        .filter(|e| !e.deleted && keep(&e.master))
+        .map(|e| e.id)
+        .collect())
 }
 
 /// The live change events at the replica at `url` mastered at `master`.
@@ -127,12 +127,7 @@ async fn events_mastered_at(
     url: &str,
     master: &str,
 ) -> Result<Vec<String>, OperatorError> {
-    Ok(live_events(client, url)
-        .await?
-        .into_iter()
-        .filter(|e| e.master == master)
-        .map(|e| e.id)
-        .collect())
+    events_where(client, url, |m| m == master).await
 }
 
 /// Moving the gateway from `from` to `to`: the old gateway stops, change events are
