@@ -462,6 +462,16 @@ fn apply(state: &mut State, replicas: &[ReplicaObserved], step: &Step) {
 
 const WAYS_FORWARD: &str = "Ways forward: set spec.upgradeStrategy: AllAtOnce (sync pauses while every replica is raised, then resumes), or set spec.allowUnidirectionalReplication: true (packets from lower feature levels keep flowing to higher ones; the others are held until their receiver is raised)";
 
+/// What a person can change when a staged upgrade would break replication: the way
+/// that is not taken already.
+fn ways_forward(spec: &FleetSpec) -> &'static str {
+    if spec.allow_unidirectional {
+        "Way forward: set spec.upgradeStrategy: AllAtOnce (sync pauses while every replica is raised, then resumes)"
+    } else {
+        WAYS_FORWARD
+    }
+}
+
 /// Computes the plan from `observed` to `spec`, or refuses with a reason.
 pub fn plan(
     compat: &Compatibility,
@@ -687,7 +697,10 @@ pub fn plan_from(
         if let Err(v) = planner.check_sync(&state.pairs, &skip) {
             return Err(Refusal::new(
                 RefusalKind::Replication,
-                format!("replication is already broken before any step: {v}. {WAYS_FORWARD}"),
+                format!(
+                    "replication is already broken before any step: {v}. {}",
+                    ways_forward(spec)
+                ),
             ));
         }
         record_created(&state, &mut created);
@@ -794,11 +807,7 @@ fn refusal_for(spec: &FleetSpec, group: &[Step], violation: &Violation) -> Refus
         } else {
             "two-way replication (spec.allowUnidirectionalReplication is false)"
         };
-        let ways = if spec.allow_unidirectional {
-            "Way forward: set spec.upgradeStrategy: AllAtOnce (sync pauses while every replica is raised, then resumes)".to_string()
-        } else {
-            WAYS_FORWARD.to_string()
-        };
+        let ways = ways_forward(spec);
         return Refusal::new(
             RefusalKind::Replication,
             format!(

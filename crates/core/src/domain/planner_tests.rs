@@ -115,6 +115,40 @@ fn staged_cross_site_upgrade_without_one_way_flag_is_refused_naming_the_ways_for
     );
 }
 
+/// A family already in the seed's bad state (a user database at FL 5 under a schema
+/// repository at FL 7, another replica at (6,6): packets no longer flow one way) is
+/// refused for a staged upgrade; the refusal never asks for the one-way flag that is
+/// already set, only for the way not taken.
+#[test]
+fn a_broken_family_is_refused_naming_only_the_way_not_taken() {
+    let o = FleetObserved {
+        tiers: vec![],
+        replicas: vec![
+            replica("tokyo", "tokyo", 7, 5),
+            replica("paris", "paris", 6, 6),
+        ],
+    };
+    for one_way in [true, false] {
+        let s = spec(7, UpgradeStrategy::Staged, one_way, vec![]);
+        let refusal = plan(&compat(), &s, &o).unwrap_err();
+        assert_eq!(refusal.kind, RefusalKind::Replication);
+        assert!(
+            refusal.reason.contains("already broken"),
+            "{}",
+            refusal.reason
+        );
+        assert!(refusal.reason.contains("AllAtOnce"), "{}", refusal.reason);
+        assert_eq!(
+            refusal
+                .reason
+                .contains("allowUnidirectionalReplication: true"),
+            !one_way,
+            "{}",
+            refusal.reason
+        );
+    }
+}
+
 #[test]
 fn all_at_once_pauses_sync_around_every_raise() {
     let s = spec(8, UpgradeStrategy::AllAtOnce, false, vec![]);
