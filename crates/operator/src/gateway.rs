@@ -21,30 +21,33 @@ use multisite_replica::http::HttpClient;
 pub const REMASTER: &str = "multisite.dev/remaster";
 
 /// Moves the mastership of `ids` to `to`, each at its current master. Returns how many
-/// moved; records whose master cannot be reached are left for the next request.
+/// moved and how many are left (their master unreachable, not holding the item yet, or
+/// the item already moving), for a later request.
 async fn remaster(
     ctx: &Ctx,
     family: &ReplicaFamily,
     to: &str,
     ids: &[String],
-) -> Result<usize, OperatorError> {
+) -> Result<Moved, OperatorError> {
     let namespace = family.namespace().unwrap_or_default();
     let members = ctx.members(&namespace, &family.name_any());
     let endpoint = |n: &str| Ctx::endpoint_of(&members, n);
+    let mut result = Moved::default();
     let Some(to_url) = endpoint(to) else {
-        return Ok(0);
+        result.left = ids.len();
+        return Ok(result);
     };
     let client = ctx
         .replica_client(&namespace, &family.name_any())
         .await?
         .with_release(Some(ctx.compat.newest_release_version()));
-    let mut moved = 0;
     for id in ids {
         let item = client.get_item(&to_url, ItemKind::Record, id).await?;
         if item.master == to {
             continue;
         }
         let Some(master_url) = endpoint(&item.master) else {
+            result.left += 1;
             continue;
         };
         // Its master may not hold it yet, or it may be moving already: the next
@@ -53,13 +56,22 @@ async fn remaster(
             .move_mastership(&master_url, ItemKind::Record, id, &move_to(to))
             .await
         {
-            Ok(_) => moved += 1,
+            Ok(_) => result.moved += 1,
             Err(error) => {
+                result.left += 1;
                 tracing::debug!(item = %id, master = %item.master, %error, "mastership not moved yet")
             }
         }
     }
-    Ok(moved)
+    Ok(result)
+}
+
+/// What [`remaster`] did.
+#[derive(Debug, Default)]
+struct Moved {
+    moved: usize,
+    /// Not moved this time; a later request takes them.
+    left: usize,
 }
 
 /// The live change events at the replica at `url` that are mastered at another replica
@@ -314,7 +326,7 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
             .with_release(Some(ctx.compat.newest_release_version()));
         let stray = stray_events(&client, url, &spec.replica).await?;
         if !stray.is_empty() {
-            let moved = remaster(ctx, family, &spec.replica, &stray).await?;
+            let moved = remaster(ctx, family, &spec.replica, &stray).await?.moved;
             if moved > 0 {
                 ctx.event(
                     family,
@@ -382,19 +394,26 @@ pub async fn reconcile(ctx: &Ctx, family: &ReplicaFamily) -> Result<GatewayOutco
         .is_some_and(|v| v == "true")
         && let Some(report) = &report
     {
-        let moved = remaster(ctx, family, &spec.replica, &report.one_directional_records).await?;
-        ctx.remove_annotation(family, REMASTER).await?;
-        ctx.event(
-            family,
-            false,
-            "Remastered",
-            "Gateway",
-            format!(
-                "mastership of {moved} one-directional record(s) moved to {}, the gateway's replica",
-                spec.replica
-            ),
-        )
-        .await;
+        let result = remaster(ctx, family, &spec.replica, &report.one_directional_records).await?;
+        // The request stays until every record moved: the next look tries the rest.
+        if result.left == 0 {
+            ctx.remove_annotation(family, REMASTER).await?;
+        }
+        let note = format!(
+            "mastership of {} one-directional record(s) moved to {}, the gateway's replica{}",
+            result.moved,
+            spec.replica,
+            if result.left == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; {} not yet (their master is unreachable or the move is under way), tried again",
+                    result.left
+                )
+            }
+        );
+        ctx.event(family, result.left > 0, "Remastered", "Gateway", note)
+            .await;
     }
     let status = GatewayStatus {
         replica: spec.replica.clone(),

@@ -999,12 +999,13 @@ struct Pushes {
 }
 
 /// A replica of family `family` named `name` on a loopback address of its own, serving
-/// its status (knowing `peer`) and pushes that take 300 ms each.
+/// its status (knowing `peer`) and pushes that take `takes` each.
 async fn syncing_replica(
     family: &'static str,
     name: &'static str,
     peer: &'static str,
     pushes: Arc<Mutex<Pushes>>,
+    takes: std::time::Duration,
 ) -> String {
     use axum::routing::{get, post};
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -1029,7 +1030,7 @@ async fn syncing_replica(
                 }
                 p.mixed |= p.full > 0 && p.incremental > 0;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tokio::time::sleep(takes).await;
             {
                 let mut p = pushes.lock().unwrap();
                 if full {
@@ -1067,7 +1068,21 @@ async fn syncing_replica(
 /// Runs the sync runner over three families of two replicas each under `limits`, until
 /// every link has run a full task; returns what the replicas saw.
 async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits) -> Pushes {
+    three_families_synced_with(limits, None).await.0
+}
+
+/// [`three_families_synced`], where family `paused` (if any) reaches the pause step of
+/// an upgrade plan while tasks wait (pushes then take 800 ms, so that they do wait):
+/// returns what the other families' replicas saw, and what the paused family's saw of
+/// full tasks started after the pause (`full_done` counts only those), once every link
+/// of the others ran a full task (and a while longer).
+async fn three_families_synced_with(
+    limits: multisite_core::domain::scheduler::Limits,
+    paused: Option<&str>,
+) -> (Pushes, Pushes) {
+    let takes = std::time::Duration::from_millis(if paused.is_some() { 800 } else { 300 });
     let pushes = Arc::new(Mutex::new(Pushes::default()));
+    let paused_pushes = Arc::new(Mutex::new(Pushes::default()));
     let mut replicas = Vec::new();
     let mut families = Vec::new();
     let mut secrets = Vec::new();
@@ -1079,6 +1094,8 @@ async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits
         let mut f = ReplicaFamily::new(family, ReplicaFamilySpec::new("F", 7));
         f.metadata.namespace = Some(NS.into());
         f.metadata.uid = Some(format!("uid-{family}"));
+        let is_paused = paused == Some(family);
+        let seen_by = if is_paused { &paused_pushes } else { &pushes };
         let value = multisite_replica::secret::generate().unwrap();
         secrets.push((
             format!("/api/v1/namespaces/{NS}/secrets/{family}-secret"),
@@ -1086,7 +1103,7 @@ async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits
         ));
         families.push(f);
         for (name, peer) in [(x, y), (y, x)] {
-            let url = syncing_replica(family, name, peer, pushes.clone()).await;
+            let url = syncing_replica(family, name, peer, seen_by.clone(), takes).await;
             let mut r = Replica::new(
                 name,
                 ReplicaSpec {
@@ -1113,7 +1130,18 @@ async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits
             .map(|(_, s)| s.clone())
     })
     .await;
-    let ctx = context_with(&api, stores(replicas, families, vec![site()]));
+    // The family cache with its writer kept, to pause a family while the runner runs.
+    let (family_cache, mut family_watch) = reflector::store();
+    for f in &families {
+        family_watch.apply_watcher_event(&watcher::Event::Apply(f.clone()));
+    }
+    let ctx = context_with(
+        &api,
+        Stores {
+            families: family_cache,
+            ..stores(replicas, vec![], vec![site()])
+        },
+    );
     let (scopes, ready) = tokio::sync::mpsc::unbounded_channel();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(super::sync::run(
@@ -1124,16 +1152,67 @@ async fn three_families_synced(limits: multisite_core::domain::scheduler::Limits
     ));
     scopes.send(ctx).unwrap();
     let started = std::time::Instant::now();
-    while pushes.lock().unwrap().full_done < 6 {
+    let mut paused_started_before = 0;
+    if let Some(name) = paused {
+        // The first full task runs, tasks wait behind it: now the pause.
+        while pushes.lock().unwrap().full == 0 && paused_pushes.lock().unwrap().full == 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "no task ran"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut f = families
+            .iter()
+            .find(|f| f.metadata.name.as_deref() == Some(name))
+            .expect("the paused family")
+            .clone();
+        f.status = Some(multisite_core::api::ReplicaFamilyStatus {
+            plan: Some(multisite_core::api::PlanStatus {
+                sync_paused: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        family_watch.apply_watcher_event(&watcher::Event::Apply(f));
+        // Once the runner has looked (a tick), what the paused family has started so far
+        // is done or running; nothing of it may start from now on.
+        tokio::time::sleep(super::sync::TICK + std::time::Duration::from_millis(100)).await;
+        let at_pause = *paused_pushes.lock().unwrap();
+        paused_started_before = at_pause.full_done + at_pause.full;
+    }
+    let links = if paused.is_some() { 4 } else { 6 };
+    while pushes.lock().unwrap().full_done < links {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "not every link ran a full task"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // A while longer: a paused family's tasks would have had their turn by now.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     stop.send(true).unwrap();
     runner.await.unwrap();
-    *pushes.lock().unwrap()
+    let mut paused_seen = *paused_pushes.lock().unwrap();
+    paused_seen.full_done -= paused_started_before.min(paused_seen.full_done);
+    (*pushes.lock().unwrap(), paused_seen)
+}
+
+/// A family that reaches the pause step of its upgrade plan while its tasks wait behind
+/// other families' runs none of them: one scheduler serves it with the others, whose
+/// tasks keep ending and making room.
+#[tokio::test]
+async fn a_paused_family_runs_no_task_while_the_others_sync() {
+    let (others, paused) = three_families_synced_with(
+        multisite_core::domain::scheduler::Limits::default(),
+        Some("fb"),
+    )
+    .await;
+    assert!(others.full_done >= 4, "{others:?}");
+    assert_eq!(
+        paused.full_done, 0,
+        "full tasks started after the pause: {paused:?}"
+    );
 }
 
 /// The operator's limit on full tasks holds across its families: three families whose

@@ -340,7 +340,10 @@ impl Runner {
             for (link, settings) in &wanted {
                 fs.state.entry(link.clone()).or_default();
                 let gates = LinkGates {
-                    enabled: settings.enabled,
+                    // A pause of the upgrade plan disables the links in the scheduler,
+                    // which drops their waiting tasks: nothing of the family starts
+                    // until it resumes, even when another family's task ends.
+                    enabled: settings.enabled && !paused,
                     automatic: settings.automatic,
                     integrity_checked: fs.checked.contains(link),
                 };
