@@ -227,6 +227,28 @@ impl Env {
         env
     }
 
+    /// Fails the test unless the cluster is the embedded one: the stand-in outside
+    /// system listens on this machine's loopback, which only its pods reach.
+    fn needs_the_outside_system_on_loopback(&self) {
+        assert!(
+            self.embedded(),
+            "the stand-in outside system listens on this machine's loopback, which only the \
+             embedded cluster's pods reach: run it without MULTISITE_E2E_KUBE_STATE / \
+             MULTISITE_E2E_DELEGATE_STATE (scripts/test.sh --skips it there)"
+        );
+    }
+
+    /// Applies the interop package and waits until every replica has it.
+    fn install_interop(&self) {
+        self.apply(INTEROP);
+        let packages: Api<multisite::api::SchemaPackage> =
+            Api::namespaced(self.kube.clone(), &self.namespace);
+        self.wait("the interop package is on every replica", || {
+            let status = self.rt.block_on(packages.get("interop")).ok()?.status?;
+            multisite::api::conditions::is_true(&status.conditions, "Ready").then_some(())
+        });
+    }
+
     fn embedded(&self) -> bool {
         matches!(self.mode, Mode::Embedded { .. })
     }
@@ -1753,21 +1775,10 @@ fn assert_each_delivered_once(events: &[Value], expected: usize) {
 #[test]
 fn change_events_written_before_the_pin_was_known_reach_the_outside_system_once_each() {
     let env = Env::start("early-events", 14, false);
-    assert!(
-        env.embedded(),
-        "the stand-in outside system listens on this machine's loopback, which only the \
-         embedded cluster's pods reach: run it without MULTISITE_E2E_KUBE_STATE / \
-         MULTISITE_E2E_DELEGATE_STATE (scripts/test.sh --skips it there)"
-    );
+    env.needs_the_outside_system_on_loopback();
     env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, ""));
     env.wait_active(&NAMES);
-    env.apply(INTEROP);
-    let packages: Api<multisite::api::SchemaPackage> =
-        Api::namespaced(env.kube.clone(), &env.namespace);
-    env.wait("the interop package is on every replica", || {
-        let status = env.rt.block_on(packages.get("interop")).ok()?.status?;
-        multisite::api::conditions::is_true(&status.conditions, "Ready").then_some(())
-    });
+    env.install_interop();
     // No gateway yet: the events of these records are mastered at sampl-tokyo, the
     // schema repository's master, though made at paris and austin.
     let client = env.client("sampl");
@@ -1814,12 +1825,7 @@ fn change_events_written_before_the_pin_was_known_reach_the_outside_system_once_
 #[test]
 fn change_events_from_every_site_reach_the_outside_system_once_each() {
     let env = Env::start("gateway", 13, false);
-    assert!(
-        env.embedded(),
-        "the stand-in outside system listens on this machine's loopback, which only the \
-         embedded cluster's pods reach: run it without MULTISITE_E2E_KUBE_STATE / \
-         MULTISITE_E2E_DELEGATE_STATE (scripts/test.sh --skips it there)"
-    );
+    env.needs_the_outside_system_on_loopback();
     let outside = OutsideSystem::start(3);
     let spec = format!(
         "  gateway: {{replica: sampl-tokyo, endpoint: \"http://127.0.0.1:{}/events\"}}\n",
@@ -1827,13 +1833,7 @@ fn change_events_from_every_site_reach_the_outside_system_once_each() {
     );
     env.apply(&fleet_at("sampl", &SITES, &THREE, "", 7, &spec));
     env.wait_active(&NAMES);
-    env.apply(INTEROP);
-    let packages: Api<multisite::api::SchemaPackage> =
-        Api::namespaced(env.kube.clone(), &env.namespace);
-    env.wait("the interop package is on every replica", || {
-        let status = env.rt.block_on(packages.get("interop")).ok()?.status?;
-        multisite::api::conditions::is_true(&status.conditions, "Ready").then_some(())
-    });
+    env.install_interop();
     env.wait("the gateway is connected to sampl-tokyo", || {
         let gateway = env.family("sampl").status?.gateway?;
         (gateway.connected && gateway.replica == "sampl-tokyo").then_some(())

@@ -203,11 +203,7 @@ fn moving_a_users_mastership_moves_the_workspace_items_they_created() {
     let t = three("user-move", 7);
     let f = &t.family;
     let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
-    let make = |args: &[&str]| -> String {
-        let mut all = vec!["records", "create", "--replica", tokyo];
-        all.extend_from_slice(args);
-        f.cli_ok(&all).trim().to_string()
-    };
+    let make = |args: &[&str]| f.create_item(tokyo, args);
     assert_eq!(make(&["--kind", "user", "--owner", "alice"]), "alice");
     assert_eq!(make(&["--kind", "user", "--owner", "bob"]), "bob");
     let query = make(&[
@@ -312,11 +308,7 @@ fn a_moved_workspace_item_is_changed_at_its_new_master_and_an_ownerless_one_at_i
     let t = three("workspace-rule", 7);
     let f = &t.family;
     let (tokyo, paris) = (t.tokyo.url.as_str(), t.paris.url.as_str());
-    let create = |args: &[&str]| -> String {
-        let mut all = vec!["records", "create", "--replica", tokyo];
-        all.extend_from_slice(args);
-        f.cli_ok(&all).trim().to_string()
-    };
+    let create = |args: &[&str]| f.create_item(tokyo, args);
     assert_eq!(create(&["--kind", "user", "--owner", "alice"]), "alice");
     let query = create(&[
         "--kind",

@@ -202,6 +202,14 @@ impl Family {
         out.trim().to_string()
     }
 
+    /// `records create` at the replica at `url` with `args` (kind, type, owner, fields);
+    /// returns the new item's id.
+    pub fn create_item(&self, url: &str, args: &[&str]) -> String {
+        let mut all = vec!["records", "create", "--replica", url];
+        all.extend_from_slice(args);
+        self.cli_ok(&all).trim().to_string()
+    }
+
     /// Updates a Defect's headline at the replica at `url`.
     pub fn update(&self, url: &str, id: &str, headline: &str) -> Output {
         let field = format!("headline={headline}");
